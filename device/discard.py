@@ -1,0 +1,163 @@
+"""Discard engine: turns frame lists and reports into discards via the C data plane.
+
+The mechanism comes from each region's backing (see ``DiscardMode``): punch a
+hole in shared fd-backed memory (memfd, hugetlbfs, files), MADV_REMOVE for
+shared anonymous memory, MADV_DONTNEED for private anonymous memory. On huge
+backing pages only whole aligned pages are discarded; the set of ballooned
+frames (one bit per 4 KiB frame, kept across requests and across memory-map
+updates of the same region) tells when a huge page is complete.
+
+Every discard is finished before the caller returns the guest's buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from device._accel import ffi, lib
+from device.defs import FRAME_SIZE, MAX_RANGE_REPORT_BYTES, PFN_BATCH
+from device.memory import GuestMemory
+from device.metrics import BalloonMetrics
+
+log = logging.getLogger(__name__)
+
+_COUNTER_FIELDS = (
+    ("bytes_discarded", "bytes_discarded"),
+    ("syscalls", "discard_syscalls"),
+    ("refused_ranges", "refused_ranges"),
+    ("refused_frames", "refused_frames"),
+    ("errors", "discard_errors"),
+    ("ns", "discard_ns"),
+)
+
+
+class DiscardEngine:
+    """Owns the accelerator's region table, the ballooned-frame bitmaps and scratch.
+
+    :param metrics: counters to add every call's results to
+    """
+
+    def __init__(self, metrics: BalloonMetrics) -> None:
+        self.metrics = metrics
+        self._bitmaps: dict[tuple[int, int], object] = {}
+        self._regions_c: object = ffi.NULL
+        self._map = ffi.new("struct balloon_accel_map *")
+        self._scratch = ffi.new("uint32_t[]", PFN_BATCH)
+        self._runs = ffi.new("struct balloon_accel_extent[]", PFN_BATCH)
+        self._report_cap = lib.balloon_accel_report_scratch_extents(MAX_RANGE_REPORT_BYTES)
+        self._report_scratch = ffi.new("struct balloon_accel_extent[]", self._report_cap)
+        self._last_errno = 0
+        #: 4 KiB frames currently in the balloon.
+        self.ballooned_frames = 0
+
+    # -- memory map ---------------------------------------------------------
+
+    def set_memory(self, mem: GuestMemory | None) -> None:
+        """Use ``mem`` from now on; keep the balloon bitmaps of regions that stay."""
+        regions = list(mem) if mem is not None else []
+        keep: dict[tuple[int, int], object] = {}
+        arr = ffi.new("struct balloon_accel_region[]", max(len(regions), 1))
+        for i, r in enumerate(regions):
+            key = (r.gpa, r.size)
+            bm = self._bitmaps.get(key)
+            if bm is None:
+                bm = ffi.new("uint64_t[]", (r.size // FRAME_SIZE + 63) // 64)
+            keep[key] = bm
+            c = arr[i]
+            c.gpa, c.size, c.hva = r.gpa, r.size, r.hva
+            c.fd_offset, c.page_size, c.fd = r.fd_offset, r.page_size, r.fd
+            c.mode = r.mode.value
+            c.ballooned = bm
+        dropped = set(self._bitmaps) - set(keep)
+        if dropped:
+            log.info("memory map changed: forgetting balloon state of %d region(s)", len(dropped))
+        self._bitmaps = keep
+        self._regions_c = arr
+        self._map.regions = arr
+        self._map.nregions = len(regions)
+
+    def forget_balloon(self) -> None:
+        """The guest was reset: every frame is the guest's again; never re-discard them."""
+        for (_, size), bm in self._bitmaps.items():
+            nbytes = 8 * ((size // FRAME_SIZE + 63) // 64)
+            ffi.memmove(bm, bytes(nbytes), nbytes)
+        self.ballooned_frames = 0
+
+    # -- operations -----------------------------------------------------------
+
+    def _absorb(self, c: object) -> None:
+        m = self.metrics
+        for cfield, mfield in _COUNTER_FIELDS:
+            v = getattr(c, cfield)
+            if v:
+                setattr(m, mfield, getattr(m, mfield) + v)
+        if c.errors:
+            if c.last_errno != self._last_errno:
+                log.warning("discard failed: errno %d", c.last_errno)
+            self._last_errno = c.last_errno
+
+    def inflate(self, pfns: object, count: int) -> int:
+        """Balloon ``count`` little-endian PFNs at ``pfns`` (a ``uint8_t *``).
+
+        :return: frames newly ballooned.
+        """
+        c = ffi.new("struct balloon_accel_counters *")
+        lib.balloon_accel_inflate(self._map, pfns, count, self._scratch, self._runs, c)
+        self._absorb(c)
+        self.ballooned_frames += c.frames_changed
+        self.metrics.inflated_frames += c.frames_changed
+        return int(c.frames_changed)
+
+    def deflate(self, pfns: object, count: int) -> int:
+        """Take ``count`` PFNs out of the balloon; nothing is discarded.
+
+        :return: frames that left the balloon.
+        """
+        c = ffi.new("struct balloon_accel_counters *")
+        lib.balloon_accel_deflate(self._map, pfns, count, self._scratch, self._runs, c)
+        self._absorb(c)
+        self.ballooned_frames -= c.frames_changed
+        self.metrics.deflated_frames += c.frames_changed
+        return int(c.frames_changed)
+
+    def discard_gpa_ranges(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Discard free-page report entries given as (gpa, length) byte ranges.
+
+        :return: bytes discarded.
+        """
+        n = len(ranges)
+        if not n:
+            return 0
+        arr = ffi.new("struct balloon_accel_gpa_range[]", n)
+        for i, (gpa, length) in enumerate(ranges):
+            arr[i].gpa = gpa
+            arr[i].len = length
+        scratch = ffi.new("struct balloon_accel_extent[]", n)
+        c = ffi.new("struct balloon_accel_counters *")
+        lib.balloon_accel_discard_gpa_ranges(self._map, arr, n, scratch, c)
+        self._absorb(c)
+        return int(c.bytes_discarded)
+
+    def range_report(self, buf: bytes | memoryview) -> tuple[int, int, int]:
+        """Validate and discard one range report (header + records).
+
+        :return: (status code, frames discarded, index of the bad record or 0xffffffff).
+        """
+        frames = ffi.new("uint64_t *")
+        bad = ffi.new("uint32_t *")
+        c = ffi.new("struct balloon_accel_counters *")
+        err = lib.balloon_accel_range_report(
+            self._map, ffi.from_buffer(buf), len(buf), self._report_scratch,
+            self._report_cap, c, frames, bad,
+        )
+        self._absorb(c)
+        return int(err), int(frames[0]), int(bad[0])
+
+    def is_ballooned(self, gpa: int) -> bool:
+        """Whether the frame holding ``gpa`` is in the balloon (for tests and queries)."""
+        for (start, size), bm in self._bitmaps.items():
+            if start <= gpa < start + size:
+                f = (gpa - start) // FRAME_SIZE
+                return bool(bm[f // 64] >> (f % 64) & 1)
+        return False

@@ -1,0 +1,49 @@
+"""Exceptions of the device model.
+
+::
+
+    BalloonError            anything the device model raises
+     +-- GuestError         the driver broke a rule; counted, the chain skipped
+     |    +-- ChainError    one descriptor chain is malformed (its head is known)
+     |    +-- RingError     the ring itself is corrupt: the queue stops (broken)
+     +-- ConfigError        the host side asked for something impossible
+     +-- DiscardError       the kernel refused to give memory back
+
+A transport never lets a ``GuestError`` escape to its event loop: the device
+model turns them into counters, skipped chains or a broken queue.
+"""
+
+
+class BalloonError(Exception):
+    """Base of every device-model error."""
+
+
+class GuestError(BalloonError):
+    """The guest driver broke a rule of the spec."""
+
+
+class ChainError(GuestError):
+    """A descriptor chain is malformed; it is returned with used length 0.
+
+    :param head: the chain's head index, so the chain can still be returned.
+    """
+
+    def __init__(self, msg: str, head: int) -> None:
+        super().__init__(msg)
+        self.head = head
+
+
+class RingError(GuestError):
+    """The ring is corrupt (bad avail index, head out of range): stop the queue."""
+
+
+class ConfigError(BalloonError):
+    """Invalid host-side configuration (memory map, queue setup, options)."""
+
+
+class DiscardError(BalloonError):
+    """A discard syscall failed; carries the errno in ``.errno``."""
+
+    def __init__(self, msg: str, errno: int) -> None:
+        super().__init__(msg)
+        self.errno = errno

@@ -1,0 +1,1 @@
+"""vballoon: the device process (command line, transports wiring, benchmarks)."""
