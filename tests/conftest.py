@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 
 import pytest
 
-from device import BalloonConfig, BalloonDevice, Feature, GuestMemory
+from device import BalloonConfig, BalloonDevice, Feature, GuestMemory, RegionSpec
 from device.layout import queue_layout
 from tests.driver import DriverRing, GuestRam, MiB, RecordingInterrupts
 
@@ -33,11 +34,12 @@ class Rig:
     """A device wired to guest RAM with every negotiated queue's ring in that RAM."""
 
     def __init__(self, ram: GuestRam, config: BalloonConfig | None = None,
-                 features: int | None = None, queue_size: int = 64) -> None:
+                 features: int | None = None, queue_size: int = 64,
+                 extra: tuple[RegionSpec, ...] = ()) -> None:
         self.ram = ram
         self.irq = RecordingInterrupts()
         self.dev = BalloonDevice(config or BalloonConfig(stats_interval=0), self.irq)
-        self.mem = GuestMemory([ram.spec()])
+        self.mem = GuestMemory([ram.spec(), *extra])
         self.dev.set_memory(self.mem)
         feats = self.dev.offered_features if features is None else features
         self.dev.set_features(feats)
@@ -59,11 +61,49 @@ class Rig:
     def has(self, f: Feature) -> bool:
         return self.dev.has(f)
 
+    def post(self, name: str, out: list[bytes], inn: list[tuple[int, int]] = ()) -> int:
+        """Post one chain of fresh readable buffers (and given writable ones), kick, reap."""
+        ring = self.rings[name]
+        head = ring.add([ring.buffer(b) for b in out], list(inn))
+        self.kick(name)
+        used = ring.get_used()
+        assert [h for h, _ in used] == [head], f"buffer {head} not returned: {used}"
+        return used[0][1]
+
+    def pfns(self, name: str, pfns: list[int], per_buffer: int = 256) -> None:
+        """Send PFNs the way Linux does: at most 256 le32 PFNs a buffer, one buffer at a time."""
+        for i in range(0, len(pfns), per_buffer):
+            chunk = pfns[i : i + per_buffer]
+            self.post(name, [struct.pack(f"<{len(chunk)}I", *chunk)])
+
+    def close(self) -> None:
+        self.mem.close()
+
 
 @pytest.fixture
-def rig(ram: GuestRam) -> Rig:
-    return Rig(ram)
+def rig(ram: GuestRam) -> Iterator[Rig]:
+    r = Rig(ram)
+    yield r
+    r.close()
 
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.fixture(scope="session")
+def hugepages() -> Iterator[int]:
+    """Reserve 2 MiB huge pages for the session (root only); restore the old count."""
+    path = "/proc/sys/vm/nr_hugepages"
+    with open(path) as f:
+        old = int(f.read())
+    want = old + 16
+    with open(path, "w") as f:
+        f.write(str(want))
+    with open(path) as f:
+        got = int(f.read())
+    if got < want:
+        pytest.fail(f"could reserve only {got - old} of 16 huge pages")
+    yield 16
+    with open(path, "w") as f:
+        f.write(str(old))

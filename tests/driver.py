@@ -8,6 +8,7 @@ write what a hostile driver would.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -70,7 +71,9 @@ class GuestRam:
         return self.mapping[off : off + FRAME_SIZE] == bytes(FRAME_SIZE)
 
     def close(self) -> None:
-        self.mapping.close()
+        # A GuestMemory still exporting the mapping keeps it alive until collected.
+        with contextlib.suppress(BufferError):
+            self.mapping.close()
         os.close(self.fd)
 
 
