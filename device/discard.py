@@ -148,8 +148,14 @@ class DiscardEngine:
         bad = ffi.new("uint32_t *")
         c = ffi.new("struct balloon_accel_counters *")
         err = lib.balloon_accel_range_report(
-            self._map, ffi.from_buffer(buf), len(buf), self._report_scratch,
-            self._report_cap, c, frames, bad,
+            self._map,
+            ffi.from_buffer(buf),
+            len(buf),
+            self._report_scratch,
+            self._report_cap,
+            c,
+            frames,
+            bad,
         )
         self._absorb(c)
         return int(err), int(frames[0]), int(bad[0])
@@ -161,3 +167,23 @@ class DiscardEngine:
                 f = (gpa - start) // FRAME_SIZE
                 return bool(bm[f // 64] >> (f % 64) & 1)
         return False
+
+    @staticmethod
+    def extent_array(extents: Sequence[tuple[int, int]]) -> tuple[object, int]:
+        """(first frame, frames) pairs as a C array for :meth:`raw_discard`."""
+        arr = ffi.new("struct balloon_accel_extent[]", max(len(extents), 1))
+        for i, (start, count) in enumerate(extents):
+            arr[i].start = start
+            arr[i].count = count
+        return arr, len(extents)
+
+    def raw_discard(self, arr: object, n: int) -> int:
+        """Reference path for benchmarks: one syscall per run of :meth:`extent_array`, as given.
+
+        No decoding, sorting or bookkeeping: what a caller that already had the
+        coalesced ranges would issue. :return: bytes discarded.
+        """
+        c = ffi.new("struct balloon_accel_counters *")
+        lib.balloon_accel_discard_extents(self._map, arr, n, c)
+        self._absorb(c)
+        return int(c.bytes_discarded)

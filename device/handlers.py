@@ -117,7 +117,9 @@ class StatsHandler:
     :param interval: seconds between refresh requests; 0 never refreshes.
     """
 
-    def __init__(self, metrics: BalloonMetrics, interval: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, metrics: BalloonMetrics, interval: float, clock: Callable[[], float]
+    ) -> None:
         self.metrics = metrics
         self.interval = interval
         self.clock = clock
@@ -149,7 +151,9 @@ class StatsHandler:
 
     def due(self, now: float) -> bool:
         """Whether the refresh interval has passed with a buffer held."""
-        return self.held is not None and self.interval > 0 and now - self._held_since >= self.interval
+        return (
+            self.held is not None and self.interval > 0 and now - self._held_since >= self.interval
+        )
 
     def next_deadline(self) -> float | None:
         """Monotonic time of the next refresh, or None."""

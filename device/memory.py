@@ -7,6 +7,7 @@ table, vfio-user's DMA maps, tests' memfds). Knows nothing about virtio.
 from __future__ import annotations
 
 import bisect
+import itertools
 import mmap
 import os
 from collections.abc import Iterable, Iterator
@@ -137,10 +138,11 @@ class GuestMemory:
 
     def __init__(self, specs: Iterable[RegionSpec]) -> None:
         regions = sorted((_make_region(s) for s in specs), key=lambda r: r.gpa)
-        for prev, cur in zip(regions, regions[1:], strict=False):
+        for prev, cur in itertools.pairwise(regions):
             if cur.gpa < prev.end:
                 raise ConfigError(
-                    f"regions overlap: [{prev.gpa:#x}, {prev.end:#x}) and [{cur.gpa:#x}, {cur.end:#x})"
+                    f"regions overlap: [{prev.gpa:#x}, {prev.end:#x}) "
+                    f"and [{cur.gpa:#x}, {cur.end:#x})"
                 )
         self.regions: list[MemoryRegion] = regions
         self._starts = [r.gpa for r in regions]

@@ -212,7 +212,8 @@ class SplitQueue:
             if length:
                 if not mem.covers(addr, length):
                     raise ChainError(
-                        f"chain {head}: buffer gpa={addr:#x} len={length:#x} is not inside guest RAM",
+                        f"chain {head}: buffer gpa={addr:#x} len={length:#x} "
+                        "is not inside guest RAM",
                         head,
                     )
                 total += length

@@ -33,9 +33,14 @@ def ram256() -> Iterator[GuestRam]:
 class Rig:
     """A device wired to guest RAM with every negotiated queue's ring in that RAM."""
 
-    def __init__(self, ram: GuestRam, config: BalloonConfig | None = None,
-                 features: int | None = None, queue_size: int = 64,
-                 extra: tuple[RegionSpec, ...] = ()) -> None:
+    def __init__(
+        self,
+        ram: GuestRam,
+        config: BalloonConfig | None = None,
+        features: int | None = None,
+        queue_size: int = 64,
+        extra: tuple[RegionSpec, ...] = (),
+    ) -> None:
         self.ram = ram
         self.irq = RecordingInterrupts()
         self.dev = BalloonDevice(config or BalloonConfig(stats_interval=0), self.irq)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from device import RegionSpec
-from tests.conftest import RING_AREA, Rig, is_root
+from tests.conftest import Rig, is_root
 from tests.driver import FRAME_SIZE, GuestRam, MiB
 
 

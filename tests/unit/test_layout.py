@@ -58,8 +58,15 @@ def test_device_layout_follows_negotiation(present: tuple[int, ...]) -> None:
 
 
 def test_switched_off_features_are_not_offered() -> None:
-    cfg = BalloonConfig(stats=False, reporting=False, free_page_hint=False, range_report=False,
-                        deflate_on_oom=False, page_poison=False, must_tell_host=False)
+    cfg = BalloonConfig(
+        stats=False,
+        reporting=False,
+        free_page_hint=False,
+        range_report=False,
+        deflate_on_oom=False,
+        page_poison=False,
+        must_tell_host=False,
+    )
     dev = BalloonDevice(cfg, RecordingInterrupts())
     assert dev.offered_features & 0xFFFFFF == 0
     assert dev.offered_features & Feature.VERSION_1

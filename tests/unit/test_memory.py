@@ -21,8 +21,15 @@ def test_translate_inside_and_edges() -> None:
     r, off = mem.translate((1 << 32) + 4 * MiB - 1, 1)
     assert off == 4 * MiB - 1
     mem.translate(4 * MiB - 8, 8)
-    for gpa, n in [(4 * MiB - 8, 9), (4 * MiB, 1), ((1 << 32) - 1, 2), ((1 << 64) - 1, 2),
-                   (2**64 - 4096, 8192), (-1, 1), (0, -1)]:
+    for gpa, n in [
+        (4 * MiB - 8, 9),
+        (4 * MiB, 1),
+        ((1 << 32) - 1, 2),
+        ((1 << 64) - 1, 2),
+        (2**64 - 4096, 8192),
+        (-1, 1),
+        (0, -1),
+    ]:
         with pytest.raises(GuestError):
             mem.translate(gpa, n)
     for x in rams:
@@ -59,15 +66,21 @@ def test_discard_mode_from_backing() -> None:
     ram = GuestRam(2 * MiB)
     priv = mmap.mmap(-1, MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     shared = mmap.mmap(-1, MiB)
-    mem = GuestMemory([
-        ram.spec(),
-        RegionSpec(1 << 30, MiB, priv, shared=False),
-        RegionSpec(2 << 30, MiB, shared),
-        RegionSpec(3 << 30, MiB, bytearray(MiB), readonly=True),
-    ])
+    mem = GuestMemory(
+        [
+            ram.spec(),
+            RegionSpec(1 << 30, MiB, priv, shared=False),
+            RegionSpec(2 << 30, MiB, shared),
+            RegionSpec(3 << 30, MiB, bytearray(MiB), readonly=True),
+        ]
+    )
     modes = [r.mode for r in mem]
-    assert modes == [DiscardMode.PUNCH_HOLE, DiscardMode.DONTNEED, DiscardMode.REMOVE,
-                     DiscardMode.NONE]
+    assert modes == [
+        DiscardMode.PUNCH_HOLE,
+        DiscardMode.DONTNEED,
+        DiscardMode.REMOVE,
+        DiscardMode.NONE,
+    ]
     assert [r.page_size for r in mem] == [4096] * 4
     mem.close()
     ram.close()

@@ -212,7 +212,7 @@ def test_range_report_pfn_len_discards_and_writes_status(prig: Rig) -> None:
     status = ring.alloc(16)
     used = prig.post("range_report", [range_report(1, recs, 2)], [(status, 16)])
     assert used == 16
-    err, bad, frames = struct.unpack("<IIQ", prig.mem.read(status, 16))
+    err, _bad, frames = struct.unpack("<IIQ", prig.mem.read(status, 16))
     assert (err, frames) == (0, 768)
     assert before - prig.ram.allocated() == 768 * FRAME_SIZE
     assert prig.ram.frame_intact(255) and prig.ram.frame_intact(512) and prig.ram.frame_zero(300)

@@ -188,7 +188,9 @@ def test_indirect_needs_feature_and_no_nesting(env) -> None:
     ring.mem.write(outer, DESC.pack(inner, 16, F_INDIRECT, 0))
     ring.raw_desc(1, outer, 16, F_INDIRECT, 0)
     ring.raw_avail(1)
-    _expect_chain_error(mem, ring.device_queue(indirect=True, next_avail=1), 1, "inside an indirect")
+    _expect_chain_error(
+        mem, ring.device_queue(indirect=True, next_avail=1), 1, "inside an indirect"
+    )
 
 
 def test_indirect_loop_is_bounded(env) -> None:
@@ -219,7 +221,7 @@ def test_avail_idx_lie_is_a_ring_error(env) -> None:
     mem, ring = env
     ring.set_avail_idx(17)
     q = ring.device_queue()
-    with pytest.raises(RingError, match="avail.idx lies"):
+    with pytest.raises(RingError, match=r"avail\.idx lies"):
         q.pop(mem)
     assert q.next_avail == 0
 

@@ -1,0 +1,155 @@
+"""Driver-side doubles shared by the tests and the benchmarks.
+
+``DriverRing`` plays the part of Linux's virtio_ring: it lays out a
+descriptor table, avail ring and used ring in guest memory, posts chains the
+way the Linux balloon driver does and reads back used elements. Its ``raw_*``
+methods write whatever a hostile driver would. Nothing in the product's data
+path imports this module.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from device.defs import FRAME_SIZE
+from device.memory import GuestMemory
+from device.virtqueue import SplitQueue
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+MiB = 1 << 20
+
+
+class DriverRing:
+    """Driver side of one split virtqueue living at ``base`` in guest memory.
+
+    Layout: descriptor table, avail ring (+ used_event), used ring (+ avail_event),
+    then a data area that buffers are carved from.
+    """
+
+    def __init__(self, mem: GuestMemory, size: int, base: int, data_size: int = MiB) -> None:
+        self.mem = mem
+        self.size = size
+        self.desc = base
+        self.avail = base + 16 * size
+        self.used = (self.avail + 6 + 2 * size + 3) & ~3
+        self.data = (self.used + 6 + 8 * size + FRAME_SIZE - 1) & ~(FRAME_SIZE - 1)
+        self.data_end = self.data + data_size
+        self._next_data = self.data
+        self.avail_idx = 0
+        self.last_used = 0
+        self._free = list(range(size))
+        self._chains: dict[int, list[int]] = {}
+        for off in range(base, self.data, 4096):
+            mem.write(off, bytes(min(4096, self.data - off)))
+
+    def device_queue(self, **kw: object) -> SplitQueue:
+        """The device-side state for this ring."""
+        return SplitQueue(self.size, self.desc, self.avail, self.used, **kw)  # type: ignore[arg-type]
+
+    # -- buffers ------------------------------------------------------------
+
+    def alloc(self, n: int, align: int = 16) -> int:
+        gpa = (self._next_data + align - 1) & ~(align - 1)
+        if gpa + n > self.data_end:
+            gpa = self.data
+        self._next_data = gpa + n
+        return gpa
+
+    def buffer(self, data: bytes) -> tuple[int, int]:
+        gpa = self.alloc(len(data))
+        self.mem.write(gpa, data)
+        return gpa, len(data)
+
+    # -- posting --------------------------------------------------------------
+
+    def raw_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
+        self.mem.write(self.desc + 16 * i, DESC.pack(addr, length, flags, nxt))
+
+    def raw_avail(self, head: int) -> None:
+        """Publish ``head`` as the next available entry, whatever it is."""
+        self.mem.write(self.avail + 4 + 2 * (self.avail_idx % self.size), U16.pack(head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem.write(self.avail + 2, U16.pack(self.avail_idx))
+
+    def set_avail_idx(self, idx: int) -> None:
+        self.avail_idx = idx & 0xFFFF
+        self.mem.write(self.avail + 2, U16.pack(self.avail_idx))
+
+    def add(
+        self,
+        out: list[tuple[int, int]],
+        inn: list[tuple[int, int]] = (),  # type: ignore[assignment]
+        *,
+        indirect: bool = False,
+    ) -> int:
+        """Post one chain: ``out`` device-readable, ``inn`` device-writable buffers."""
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, F_WRITE) for a, n in inn]
+        if indirect:
+            table = self.alloc(16 * len(bufs))
+            for i, (a, n, f) in enumerate(bufs):
+                nf = f | (F_NEXT if i + 1 < len(bufs) else 0)
+                self.mem.write(table + 16 * i, DESC.pack(a, n, nf, i + 1 if nf & F_NEXT else 0))
+            head = self._free.pop(0)
+            self.raw_desc(head, table, 16 * len(bufs), F_INDIRECT, 0)
+            self._chains[head] = [head]
+        else:
+            ids = [self._free.pop(0) for _ in bufs]
+            for k, (i, (a, n, f)) in enumerate(zip(ids, bufs, strict=True)):
+                last = k + 1 == len(ids)
+                self.raw_desc(i, a, n, f | (0 if last else F_NEXT), 0 if last else ids[k + 1])
+            head = ids[0]
+            self._chains[head] = ids
+        self.raw_avail(head)
+        return head
+
+    # -- completions ----------------------------------------------------------
+
+    def used_idx(self) -> int:
+        return U16.unpack(self.mem.read(self.used + 2, 2))[0]
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """New used elements (id, len) since the last call; their descriptors become free."""
+        out = []
+        idx = self.used_idx()
+        while self.last_used != idx:
+            slot = self.used + 4 + 8 * (self.last_used % self.size)
+            head, length = struct.unpack("<II", self.mem.read(slot, 8))
+            out.append((head, length))
+            self._free.extend(self._chains.pop(head, []))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+        return out
+
+    def set_used_event(self, value: int) -> None:
+        self.mem.write(self.avail + 4 + 2 * self.size, U16.pack(value & 0xFFFF))
+
+    def set_no_interrupt(self, on: bool) -> None:
+        self.mem.write(self.avail, U16.pack(1 if on else 0))
+
+    def avail_event(self) -> int:
+        return U16.unpack(self.mem.read(self.used + 4 + 8 * self.size, 2))[0]
+
+
+class RecordingInterrupts:
+    """``Interrupts`` double that counts what the device signalled."""
+
+    def __init__(self) -> None:
+        self.queues: list[int] = []
+        self.configs = 0
+
+    def queue(self, index: int) -> None:
+        self.queues.append(index)
+
+    def config(self) -> None:
+        self.configs += 1
+
+
+class NullInterrupts:
+    """``Interrupts`` that go nowhere (benchmarks poll the used ring instead)."""
+
+    def queue(self, index: int) -> None:
+        pass
+
+    def config(self) -> None:
+        pass

@@ -1,0 +1,62 @@
+"""The command line: sizes, help, the benchmark's JSON interface, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from vballoon.cli import main, parse_size
+
+BENCH_KEYS = {
+    "inflate_contig_vs_raw",
+    "inflate_contig_vs_per_page",
+    "inflate_shuffled_vs_raw",
+    "report_2m_vs_raw",
+    "decode_mpfn_per_s",
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("512M", 512 << 20),
+        ("1G", 1 << 30),
+        ("1g", 1 << 30),
+        ("2GiB", 2 << 30),
+        ("64K", 65536),
+        ("1.5G", 3 << 29),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12X", "-1G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
+
+
+def test_help_explains(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["bench", "discard", "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert "fallocate" in out and "--json" in out
+
+
+def test_bench_discard_json_interface(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "discard", "--json", "--size", "64M", "--repeat", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= BENCH_KEYS
+    for key in BENCH_KEYS - {"decode_mpfn_per_s"}:
+        assert result[key] > 0
+    assert set(result["decode_mpfn_per_s"]) == {"pfn_array", "pfn_len", "pfn_order", "bitmap"}
+
+
+def test_demo_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
+    assert "demo passed" in capsys.readouterr().out

@@ -1,0 +1,405 @@
+"""``vballoon bench discard``: the device's data path against raw kernel syscalls.
+
+Every number is a ratio between two runs in this process on the same memory:
+the device path (rings, chain walk, handler, C decode and coalescing, the
+discard syscalls) and a reference that issues only the syscalls. Guest memory
+is a memfd mapped shared, every page touched before each run, so each run
+really returns memory (checked: the memfd's allocated bytes fall to the
+expected value, or the run is reported as failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import mmap
+import os
+import platform
+import random
+import statistics
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from device import BalloonConfig, BalloonDevice, Feature, GuestMemory, Queue, RegionSpec
+from device._accel import ffi, lib
+from device.defs import FRAME_SIZE, LINUX_PFNS_PER_BUFFER
+from device.testing import DriverRing, NullInterrupts
+
+MiB = 1 << 20
+GiB = 1 << 30
+#: Linux's PAGE_REPORTING_CAPACITY: entries in one free-page report.
+REPORT_CAPACITY = 32
+RING_GPA = 1 << 40
+
+
+class BenchError(RuntimeError):
+    """A run did not return the memory it should have: its timing means nothing."""
+
+
+@dataclass
+class Scenario:
+    """One measured comparison: device path against a reference."""
+
+    key: str
+    what: str
+    device_s: float
+    reference_s: float
+    goal: float | None
+
+    @property
+    def ratio(self) -> float:
+        """Reference time over device time: above 1, the device is faster."""
+        return self.reference_s / self.device_s
+
+
+class DiscardBench:
+    """A device wired to a memfd of ``size`` bytes with inflate and reporting rings."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.frames = size // FRAME_SIZE
+        self.fd = os.memfd_create("vballoon-bench", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.data = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        self.ring_fd = os.memfd_create("vballoon-bench-rings", os.MFD_CLOEXEC)
+        os.ftruncate(self.ring_fd, 16 * MiB)
+        self.ring_map = mmap.mmap(self.ring_fd, 16 * MiB, mmap.MAP_SHARED)
+        self.mem = GuestMemory(
+            [
+                RegionSpec(0, size, self.data, self.fd, 0, True),
+                RegionSpec(RING_GPA, 16 * MiB, self.ring_map, self.ring_fd, 0, True),
+            ]
+        )
+        self.dev = BalloonDevice(BalloonConfig(stats_interval=0), NullInterrupts())
+        self.dev.set_memory(self.mem)
+        self.dev.set_features(Feature.VERSION_1 | Feature.REPORTING)
+        self.inflate_idx = self.dev.layout.index(Queue.INFLATE)
+        self.report_idx = self.dev.layout.index(Queue.REPORTING)
+        self.inflate = DriverRing(self.mem, 128, RING_GPA, data_size=4 * MiB)
+        self.report = DriverRing(self.mem, 32, RING_GPA + 8 * MiB, data_size=MiB)
+        self.dev.set_queue(self.inflate_idx, self.inflate.device_queue())
+        self.dev.set_queue(self.report_idx, self.report.device_queue())
+
+    def close(self) -> None:
+        self.mem.close()
+        del self.dev, self.inflate, self.report
+        gc.collect()  # ring views held by queue objects pin the mappings
+        with contextlib.suppress(BufferError):
+            self.data.close()
+            self.ring_map.close()
+        os.close(self.fd)
+        os.close(self.ring_fd)
+
+    def allocated(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def touch(self) -> None:
+        """Allocate every page of guest RAM again, as a running guest's memory is.
+
+        posix_fallocate on the memfd allocates the pages in the kernel without
+        faulting them in one by one; the device never maps guest pages in either.
+        """
+        os.posix_fallocate(self.fd, 0, self.size)
+        if self.allocated() < self.size:
+            raise BenchError("could not populate the benchmark memory")
+
+    def _check_returned(self, what: str, expected: int) -> None:
+        left = self.allocated()
+        if left > self.size - expected:
+            raise BenchError(f"{what}: {self.size - left} of {expected} bytes came back")
+
+    # -- device paths ----------------------------------------------------------
+
+    def inflate_path(self, pfns: Sequence[int]) -> float:
+        """Send ``pfns`` as Linux does (256 per buffer, kick, wait); time the device side."""
+        self.touch()
+        spent = 0
+        ring = self.inflate
+        for i in range(0, len(pfns), LINUX_PFNS_PER_BUFFER):
+            chunk = pfns[i : i + LINUX_PFNS_PER_BUFFER]
+            ring.add([ring.buffer(struct.pack(f"<{len(chunk)}I", *chunk))])
+            t0 = time.perf_counter_ns()
+            self.dev.queue_notify(self.inflate_idx)
+            spent += time.perf_counter_ns() - t0
+            if len(ring.get_used()) != 1:
+                raise BenchError("inflate buffer not returned")
+        self._check_returned("inflate", len(set(pfns)) * FRAME_SIZE)
+        # Deflate without timing so the next run starts with an empty balloon.
+        self.dev.engine.forget_balloon()
+        return spent / 1e9
+
+    def report_path(self, blocks: Sequence[int], block_frames: int) -> float:
+        """Report ``blocks`` (first frames) as free-page reports of 32 entries; time the device."""
+        self.touch()
+        spent = 0
+        ring = self.report
+        size = block_frames * FRAME_SIZE
+        for i in range(0, len(blocks), REPORT_CAPACITY):
+            entries = [(b * FRAME_SIZE, size) for b in blocks[i : i + REPORT_CAPACITY]]
+            ring.add([], entries)
+            t0 = time.perf_counter_ns()
+            self.dev.queue_notify(self.report_idx)
+            spent += time.perf_counter_ns() - t0
+            if len(ring.get_used()) != 1:
+                raise BenchError("report buffer not returned")
+        self._check_returned("report", len(blocks) * size)
+        return spent / 1e9
+
+    def raw_path(self, extents: Sequence[tuple[int, int]]) -> float:
+        """The reference: only the syscalls, one per given (first frame, frames) run."""
+        self.touch()
+        arr, n = self.dev.engine.extent_array(extents)
+        t0 = time.perf_counter_ns()
+        self.dev.engine.raw_discard(arr, n)
+        spent = time.perf_counter_ns() - t0
+        self._check_returned("raw", sum(c for _, c in extents) * FRAME_SIZE)
+        return spent / 1e9
+
+
+def coalesce_per_buffer(
+    pfns: Sequence[int], per: int = LINUX_PFNS_PER_BUFFER
+) -> list[tuple[int, int]]:
+    """The runs the device issues: each buffer's PFNs sorted, deduplicated, merged."""
+    out: list[tuple[int, int]] = []
+    for i in range(0, len(pfns), per):
+        runs: list[list[int]] = []
+        for p in sorted(set(pfns[i : i + per])):
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1][1] += 1
+            else:
+                runs.append([p, 1])
+        out.extend((s, c) for s, c in runs)
+    return out
+
+
+def _median_pair(
+    device: Callable[[], float], reference: Callable[[], float], repeat: int
+) -> tuple[float, float]:
+    """Alternate the two runs ``repeat`` times; medians of each."""
+    d, r = [], []
+    for _ in range(repeat):
+        d.append(device())
+        r.append(reference())
+    return statistics.median(d), statistics.median(r)
+
+
+# -- decode throughput (no syscalls) ----------------------------------------------------
+
+
+def _fragmented_frames(span: int, seed: int = 1) -> list[int]:
+    """Half the frames of a span free, in runs of 1 to 16 frames: a fragmented guest."""
+    rnd = random.Random(seed)
+    out, f, free = [], 0, True
+    while f < span:
+        n = rnd.randint(1, 16)
+        if free:
+            out.extend(range(f, min(f + n, span)))
+        f += n
+        free = not free
+    return out
+
+
+def _runs(frames: Sequence[int]) -> list[tuple[int, int]]:
+    runs: list[list[int]] = []
+    for p in frames:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return [(s, c) for s, c in runs]
+
+
+def _buddy_blocks(runs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Split runs into naturally aligned power-of-two blocks (pfn, order), as a buddy allocator."""
+    out = []
+    for s, c in runs:
+        while c:
+            order = (s & -s).bit_length() - 1 if s else 30
+            while (1 << order) > c:
+                order -= 1
+            out.append((s, order))
+            s += 1 << order
+            c -= 1 << order
+    return out
+
+
+def _header(encoding: int, nr: int, order: int = 0, base: int = 0) -> bytes:
+    return struct.pack("<HHIIIQ", 1, encoding, nr, order, 0, base)
+
+
+def decode_rates(span: int, repeat: int) -> dict[str, float]:
+    """Millions of frames decoded per second, per encoding, same fragmented frame set."""
+    frames = _fragmented_frames(span)
+    runs = _runs(frames)
+    blocks = _buddy_blocks(runs)
+    bits = bytearray((span + 7) // 8)
+    for f in frames:
+        bits[f // 8] |= 1 << (f % 8)
+    reports = {
+        "pfn_len": _header(1, len(runs)) + b"".join(struct.pack("<QQ", s, c) for s, c in runs),
+        "pfn_order": _header(2, len(blocks))
+        + b"".join(struct.pack("<Q", s | o << 58) for s, o in blocks),
+        "bitmap": _header(3, span) + bytes(bits),
+    }
+    rates: dict[str, float] = {}
+    # PFN arrays (inflate buffers) in accelerator batches.
+    batch = 16384
+    arr = struct.pack(f"<{len(frames)}I", *frames)
+    scratch = ffi.new("uint32_t[]", batch)
+    out = ffi.new("struct balloon_accel_extent[]", batch)
+    src = ffi.from_buffer(arr)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter_ns()
+        for i in range(0, len(frames), batch):
+            lib.balloon_accel_compact_pfns(src + 4 * i, min(batch, len(frames) - i), scratch, out)
+        best = min(best, time.perf_counter_ns() - t0)
+    rates["pfn_array"] = len(frames) / best * 1e3
+    cap = span // 2 + 1
+    ext = ffi.new("struct balloon_accel_extent[]", cap)
+    nout = ffi.new("size_t *")
+    bad = ffi.new("uint32_t *")
+    for name, buf in reports.items():
+        cbuf = ffi.from_buffer(buf)
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter_ns()
+            err = lib.balloon_accel_decode_report(cbuf, len(buf), ext, cap, nout, bad)
+            best = min(best, time.perf_counter_ns() - t0)
+            if err:
+                raise BenchError(f"{name} report did not decode: error {err}")
+        decoded = sum(ext[i].count for i in range(nout[0]))
+        if decoded != len(frames):
+            raise BenchError(f"{name} decoded {decoded} frames, expected {len(frames)}")
+        rates[name] = len(frames) / best * 1e3
+    return rates
+
+
+# -- the whole benchmark -------------------------------------------------------------
+
+
+def machine() -> dict[str, str | int]:
+    """What the numbers were measured on."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def run_discard_bench(size: int = GiB, repeat: int = 3, seed: int = 42) -> dict[str, object]:
+    """Run every scenario; return the JSON-able result (ratios plus raw seconds)."""
+    b = DiscardBench(size)
+    try:
+        frames = b.frames
+        contig = list(range(frames))
+        shuffled = contig[:]
+        random.Random(seed).shuffle(shuffled)
+        block = 512  # 2 MiB
+        blocks = list(range(0, frames - frames % block, block))
+        random.Random(seed + 1).shuffle(blocks)
+        contig_runs = coalesce_per_buffer(contig)
+        scenarios = []
+        d, r = _median_pair(lambda: b.inflate_path(contig), lambda: b.raw_path(contig_runs), repeat)
+        scenarios.append(
+            Scenario(
+                "inflate_contig_vs_raw",
+                "inflate contiguous, 256-PFN buffers vs raw punch of the same runs",
+                d,
+                r,
+                0.9,
+            )
+        )
+        per_page = [(p, 1) for p in contig]
+        d2, r2 = _median_pair(lambda: b.inflate_path(contig), lambda: b.raw_path(per_page), repeat)
+        scenarios.append(
+            Scenario(
+                "inflate_contig_vs_per_page",
+                "inflate contiguous vs one punch per 4 KiB frame (QEMU's way)",
+                d2,
+                r2,
+                3.0,
+            )
+        )
+        shuffled_runs = coalesce_per_buffer(shuffled)
+        d3, r3 = _median_pair(
+            lambda: b.inflate_path(shuffled), lambda: b.raw_path(shuffled_runs), repeat
+        )
+        scenarios.append(
+            Scenario(
+                "inflate_shuffled_vs_raw",
+                "inflate shuffled frames vs raw punch of the same runs",
+                d3,
+                r3,
+                0.8,
+            )
+        )
+        d4, r4 = _median_pair(
+            lambda: b.report_path(blocks, block),
+            lambda: b.raw_path([(x, block) for x in blocks]),
+            repeat,
+        )
+        scenarios.append(
+            Scenario(
+                "report_2m_vs_raw",
+                "free-page reports of 2 MiB blocks (32 a report) vs raw punch",
+                d4,
+                r4,
+                0.9,
+            )
+        )
+        rates = decode_rates(min(frames, 1 << 18), repeat)
+    finally:
+        b.close()
+    result: dict[str, object] = {s.key: round(s.ratio, 3) for s in scenarios}
+    result["decode_mpfn_per_s"] = {k: round(v, 1) for k, v in rates.items()}
+    result["seconds"] = {
+        s.key: {"device": round(s.device_s, 4), "reference": round(s.reference_s, 4)}
+        for s in scenarios
+    }
+    result["goals"] = {s.key: s.goal for s in scenarios}
+    result["descriptions"] = {s.key: s.what for s in scenarios}
+    result["memory_bytes"] = size
+    result["machine"] = machine()
+    return result
+
+
+def format_table(result: dict[str, object]) -> str:
+    """The human-readable table of :func:`run_discard_bench`'s result."""
+    lines = []
+    m = result["machine"]
+    assert isinstance(m, dict)
+    lines.append(
+        f"vballoon bench discard: {int(result['memory_bytes']) >> 20} MiB memfd, "  # type: ignore[call-overload]
+        f"{m['cpu']}, {m['cores']} cores, Linux {m['kernel']}"
+    )
+    lines.append(f"{'scenario':30} {'device s':>9} {'ref s':>9} {'ratio':>7} {'goal':>6}  meaning")
+    secs, goals, desc = result["seconds"], result["goals"], result["descriptions"]
+    assert isinstance(secs, dict) and isinstance(goals, dict) and isinstance(desc, dict)
+    for key, s in secs.items():
+        ratio = result[key]
+        goal = goals[key]
+        mark = "ok" if goal is None or ratio >= goal else "MISS"  # type: ignore[operator]
+        lines.append(
+            f"{key:30} {s['device']:9.4f} {s['reference']:9.4f} {ratio:7.2f} "
+            f"{'>=' + str(goal):>6}  {mark}: {desc[key]}"
+        )
+    rates = result["decode_mpfn_per_s"]
+    assert isinstance(rates, dict)
+    lines.append(
+        "decode_mpfn_per_s (fragmented frames, no syscalls): "
+        + ", ".join(f"{k} {v}" for k, v in rates.items())
+    )
+    return "\n".join(lines)
