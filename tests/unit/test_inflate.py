@@ -165,3 +165,35 @@ def test_hugetlbfs_halves_complete_a_huge_page(ram: GuestRam, hugepages: int) ->
     assert huge.allocated() == full - 4 * MiB
     rig.close()
     huge.close()
+
+
+def test_failed_discard_is_counted_not_fatal(ram: GuestRam) -> None:
+    """A backing fd that cannot punch (opened read-only): errors counted, buffer returned."""
+    import os
+
+    data = GuestRam(8 * MiB, gpa=1 << 30)
+    data.fill_pattern()
+    ro = os.open(f"/proc/self/fd/{data.fd}", os.O_RDONLY)
+    spec = RegionSpec(data.gpa, data.size, data.mapping, ro, 0, True)
+    rig = Rig(ram, extra=(spec,))
+    first = data.gpa // FRAME_SIZE
+    rig.pfns("inflate", list(range(first, first + 256)))
+    m = rig.dev.metrics
+    assert m.discard_errors == 1 and m.discard_syscalls == 1 and m.bytes_discarded == 0
+    assert m.inflated_frames == 256  # accounted as ballooned all the same
+    assert data.allocated() == 8 * MiB
+    rig.close()
+    os.close(ro)
+    data.close()
+
+
+def test_missing_accelerator_says_how_to_build() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['device._balloon_accel'] = None\n"
+        "try:\n import device\nexcept ImportError as e:\n print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "make dev" in out.stdout and "pip install -e ." in out.stdout
