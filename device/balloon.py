@@ -162,7 +162,12 @@ class BalloonDevice:
         return bool(self.driver_features & feature)
 
     def set_memory(self, mem: GuestMemory | None) -> None:
-        """Use ``mem`` as guest RAM (a new table replaces the old one)."""
+        """Use ``mem`` as guest RAM (a new table replaces the old one).
+
+        Queues drop their views of the old memory, so the caller may unmap it.
+        """
+        for q in self.queues.values():
+            q.detach()
         self.memory = mem
         self.engine.set_memory(mem)
 

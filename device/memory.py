@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import mmap
 import os
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ from device.defs import FRAME_SIZE
 from device.errors import ConfigError, GuestError
 
 _U64_LIMIT = 1 << 64
+log = logging.getLogger(__name__)
 
 
 class DiscardMode(Enum):
@@ -97,17 +99,23 @@ def _make_region(spec: RegionSpec) -> MemoryRegion:
         page_size, huge = backing_page_size(spec.fd)
     else:
         page_size, huge = FRAME_SIZE, False
-    if spec.size % page_size or spec.gpa % page_size:
-        raise ConfigError(
-            f"region gpa={spec.gpa:#x} size={spec.size:#x} is not aligned to its "
-            f"{page_size} byte backing pages"
+    # Huge pages can only be punched whole: a region whose file offset or size is
+    # not huge-page aligned is served, but never discarded.
+    unaligned = bool(spec.size % page_size or spec.fd_offset % page_size)
+    if unaligned:
+        log.warning(
+            "region gpa=%#x size=%#x is not aligned to its %d byte backing pages: "
+            "memory in it will not be discarded",
+            spec.gpa,
+            spec.size,
+            page_size,
         )
     view = memoryview(spec.mapping).cast("B")
     if len(view) < spec.size:
         raise ConfigError(f"mapping of region gpa={spec.gpa:#x} is shorter than its size")
     view = view[: spec.size]
     cbuf = ffi.from_buffer(view, require_writable=True)
-    if spec.readonly:
+    if spec.readonly or unaligned:
         mode = DiscardMode.NONE
     elif not spec.shared:
         mode = DiscardMode.DONTNEED

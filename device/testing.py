@@ -39,6 +39,8 @@ class DriverRing:
         self._next_data = self.data
         self.avail_idx = 0
         self.last_used = 0
+        #: keep used_event current (a hostile-driver test may turn this off)
+        self.event_idx_writes = True
         self._free = list(range(size))
         self._chains: dict[int, list[int]] = {}
         for off in range(base, self.data, 4096):
@@ -119,6 +121,9 @@ class DriverRing:
             out.append((head, length))
             self._free.extend(self._chains.pop(head, []))
             self.last_used = (self.last_used + 1) & 0xFFFF
+        # Like Linux's virtqueue_enable_cb: interrupt me at the next used buffer.
+        if self.event_idx_writes:
+            self.set_used_event(self.last_used)
         return out
 
     def set_used_event(self, value: int) -> None:

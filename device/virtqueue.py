@@ -131,6 +131,17 @@ class SplitQueue:
         self._used = ur.view[uoff : uoff + 6 + 8 * self.size]
         self._mem = mem
 
+    def detach(self) -> None:
+        """Drop the cached ring views (before the memory they point into is unmapped)."""
+        for v in (self._desc, self._avail, self._used):
+            v.release()
+        self._desc = self._avail = self._used = memoryview(b"")
+        self._mem = None
+
+    def resume_used_from_ring(self, mem: GuestMemory) -> None:
+        """Continue from the ``used.idx`` in guest memory (vhost-user: the ring is the truth)."""
+        self.next_used = self._published_used = self.used_idx(mem)
+
     def avail_idx(self, mem: GuestMemory) -> int:
         """The driver's ``avail.idx``."""
         self._attach(mem)

@@ -1,0 +1,155 @@
+"""Through a real socket: handshake, memory, rings, every queue, config changes."""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from device import Queue
+from device.defs import STAT_NAMES, StatTag
+from tests.driver import FRAME_SIZE, GuestRam, MiB
+from tests.protocol.vhost_rig import BackendThread, Guest
+from vhost_user.messages import BackendReq, ProtocolFeature
+
+
+@pytest.fixture
+def guest(backend: BackendThread, sock_path: str) -> Iterator[Guest]:
+    ram = GuestRam(64 * MiB)
+    ram.fill_pattern()
+    g = Guest(sock_path, ram)
+    g.start()
+    yield g
+    g.close()
+    ram.close()
+
+
+def test_handshake_offers(backend: BackendThread, sock_path: str) -> None:
+    ram = GuestRam(16 * MiB)
+    g = Guest(sock_path, ram)
+    assert g.features & (1 << 32)  # VERSION_1 must come from the backend
+    pf = g.fe.protocol_features
+    for need in (ProtocolFeature.REPLY_ACK, ProtocolFeature.BACKEND_REQ, ProtocolFeature.CONFIG):
+        assert pf & need
+    for never in (
+        ProtocolFeature.PAGEFAULT,
+        ProtocolFeature.LOG_SHMFD,
+        ProtocolFeature.INFLIGHT_SHMFD,
+        ProtocolFeature.INBAND_NOTIFICATIONS,
+    ):
+        assert not pf & never
+    assert g.fe.get_max_mem_slots() >= 8
+    g.close()
+    ram.close()
+
+
+def test_inflate_deflate_through_kicks(guest: Guest, backend: BackendThread) -> None:
+    before = guest.ram.allocated()
+    pfns = list(range(2048, 2048 + 4096))
+    guest.inflate(Queue.INFLATE, pfns)
+    assert before - guest.ram.allocated() == 4096 * FRAME_SIZE
+    for f in range(0, guest.data_frames, 31):
+        if f not in range(2048, 6144):
+            assert guest.ram.frame_intact(f)
+    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 4096
+    after = guest.ram.allocated()
+    guest.inflate(Queue.DEFLATE, pfns)
+    assert guest.ram.allocated() == after
+    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 0
+
+
+def test_stats_and_reports(guest: Guest, backend: BackendThread) -> None:
+    ring = guest.rings[Queue.STATS]
+    values = {int(t): 7 * int(t) for t in StatTag}
+    ring.add([ring.buffer(b"".join(struct.pack("<HQ", t, v) for t, v in values.items()))])
+    guest.notify(Queue.STATS)
+    got = {}
+    for _ in range(100):
+        got = backend.call(lambda: dict(backend.device.stats.values))
+        if got:
+            break
+        select.select([], [], [], 0.01)
+    assert got == {STAT_NAMES[StatTag(t)]: v for t, v in values.items()}
+    assert backend.call(backend.device.request_stats) is True
+    assert guest.wait_call(Queue.STATS)
+    assert len(ring.get_used()) == 1
+    before = guest.ram.allocated()
+    used = guest.post(Queue.REPORTING, [], [(4 * MiB, 4 * MiB), (16 * MiB, 2 * MiB)])
+    assert used[0][1] == 0
+    assert before - guest.ram.allocated() == 6 * MiB
+    assert guest.ram.frame_intact(8 * MiB // FRAME_SIZE) and guest.ram.frame_zero(1024)
+
+
+def test_target_change_sends_config_change(guest: Guest, backend: BackendThread) -> None:
+    ch = guest.fe.backend_channel
+    assert ch is not None
+    backend.call(lambda: backend.device.set_num_pages(4096))
+    req, flags = guest.fe.read_backend_request()
+    assert req == BackendReq.CONFIG_CHANGE_MSG
+    assert not flags & 0x8  # never asks for a reply: QEMU may be busy in GET_CONFIG
+    assert guest.fe.get_config(0, 16)[:4] == struct.pack("<I", 4096)
+    guest.fe.set_config(0, struct.pack("<IIII", 0, 4096, 0, 0))  # QEMU sends all 16 bytes
+    assert backend.call(lambda: backend.device.actual) == 4096
+    assert backend.call(lambda: backend.device.num_pages) == 4096
+
+
+def test_get_vring_base_stops_the_ring(guest: Guest, backend: BackendThread) -> None:
+    guest.inflate(Queue.INFLATE, list(range(100, 356)))
+    idx = guest.index(Queue.INFLATE)
+    assert guest.fe.get_vring_base(idx) == 1
+    ring = guest.rings[Queue.INFLATE]
+    before = guest.ram.allocated()
+    ring.add([ring.buffer(struct.pack("<I", 5000))])
+    guest.notify(Queue.INFLATE)  # the kick fd was closed on stop: nothing may run
+    assert not guest.wait_call(Queue.INFLATE, timeout=0.3)
+    assert guest.ram.allocated() == before and ring.get_used() == []
+
+
+def test_held_stats_buffer_is_rewound_on_stop(guest: Guest, backend: BackendThread) -> None:
+    ring = guest.rings[Queue.STATS]
+    ring.add([ring.buffer(struct.pack("<HQ", 4, 1))])
+    guest.notify(Queue.STATS)
+    for _ in range(200):
+        if backend.call(lambda: backend.device.metrics.stats_updates):
+            break
+        select.select([], [], [], 0.01)
+    # The device holds that buffer: the base handed back makes the next start see it again.
+    assert guest.fe.get_vring_base(guest.index(Queue.STATS)) == 0
+
+
+def test_only_the_newest_call_fd_is_signalled(guest: Guest, backend: BackendThread) -> None:
+    idx = guest.index(Queue.DEFLATE)
+    new_call = os.eventfd(0, os.EFD_NONBLOCK)
+    old_call = guest.call[Queue.DEFLATE]
+    guest.fe.set_vring_call(idx, new_call)  # QEMU sends a second CALL after ENABLE
+    guest.call[Queue.DEFLATE] = new_call
+    used = guest.post(Queue.DEFLATE, [struct.pack("<I", 10)])
+    assert len(used) == 1
+    os.close(old_call)
+
+
+def test_add_and_remove_memory_regions(backend: BackendThread, sock_path: str) -> None:
+    ram = GuestRam(32 * MiB)
+    extra = GuestRam(16 * MiB, gpa=1 << 32)
+    extra.fill_pattern()
+    g = Guest(sock_path, ram)
+    g.start()
+    from tests.protocol.vhost_rig import UADDR_BASE
+    from vhost_user.frontend import FrontendRegion
+
+    region = FrontendRegion(extra.gpa, extra.size, UADDR_BASE + extra.gpa, extra.fd)
+    g.fe.add_mem_reg(region)
+    first = extra.gpa // FRAME_SIZE
+    g.inflate(Queue.INFLATE, list(range(first, first + 512)))
+    assert extra.allocated() == 14 * MiB
+    g.fe.rem_mem_reg(region)
+    before = extra.allocated()
+    g.inflate(Queue.INFLATE, list(range(first + 512, first + 1024)))  # no longer RAM: refused
+    assert extra.allocated() == before
+    assert backend.call(lambda: backend.device.metrics.refused_frames) == 512
+    g.close()
+    ram.close()
+    extra.close()

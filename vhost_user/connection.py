@@ -1,0 +1,127 @@
+"""Bytes and file descriptors over a Unix stream socket; no protocol state.
+
+A message is a 12-byte header and ``size`` payload bytes. File descriptors
+arrive as SCM_RIGHTS with the first ``recvmsg`` of a message (the one that
+reads the header); a control buffer too small for them (MSG_CTRUNC) would
+silently lose fds, so that is a protocol error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+from vhost_user.errors import DisconnectedError, ProtocolError
+from vhost_user.messages import HEADER_SIZE, MAX_FDS, Header
+
+#: Seconds to wait for the rest of a message once its header arrived.
+BODY_TIMEOUT = 5.0
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Connection:
+    """One end of a vhost-user socket (main channel or backend-request channel).
+
+    :param sock: a connected ``AF_UNIX`` stream socket; the connection owns it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(True)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _recv_exact(self, n: int) -> bytes:
+        chunks = []
+        while n:
+            try:
+                data = self.sock.recv(n)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries already
+                continue
+            except (ConnectionResetError, BrokenPipeError) as err:
+                raise DisconnectedError(str(err)) from err
+            except TimeoutError as err:
+                raise ProtocolError("message body did not arrive") from err
+            if not data:
+                raise DisconnectedError("peer closed the connection mid-message")
+            chunks.append(data)
+            n -= len(data)
+        return b"".join(chunks)
+
+    def recv_message(self) -> tuple[Header, bytes, list[int]]:
+        """Read one whole message; the caller owns the returned fds.
+
+        :raise DisconnectedError: on EOF before a header.
+        :raise ProtocolError: on a malformed header, lost fds or a truncated body.
+        """
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.sock, HEADER_SIZE, MAX_FDS)
+        except (ConnectionResetError, BrokenPipeError) as err:
+            raise DisconnectedError(str(err)) from err
+        if not data:
+            _close_fds(fds)
+            raise DisconnectedError("peer closed the connection")
+        try:
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError(f"more than {MAX_FDS} file descriptors in one message")
+            if len(data) < HEADER_SIZE:
+                self.sock.settimeout(BODY_TIMEOUT)
+                try:
+                    data += self._recv_exact(HEADER_SIZE - len(data))
+                finally:
+                    self.sock.settimeout(None)
+            header = Header.unpack(data)
+            body = b""
+            if header.size:
+                self.sock.settimeout(BODY_TIMEOUT)
+                try:
+                    body = self._recv_exact(header.size)
+                finally:
+                    self.sock.settimeout(None)
+        except BaseException:
+            _close_fds(fds)
+            raise
+        return header, body, fds
+
+    def send_message(self, header: Header, body: bytes = b"", fds: list[int] | None = None) -> None:
+        """Send one message (fds ride on its first byte).
+
+        :raise DisconnectedError: if the peer is gone.
+        """
+        data = header.pack() + body
+        try:
+            if fds:
+                sent = socket.send_fds(self.sock, [data], fds)
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            else:
+                self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise DisconnectedError(str(err)) from err
+
+    def try_send(self, header: Header, body: bytes = b"") -> bool:
+        """Send without blocking; False if the socket is full (nothing was sent).
+
+        :raise DisconnectedError: if the peer is gone.
+        """
+        data = header.pack() + body
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise DisconnectedError(str(err)) from err
+        if sent < len(data):  # a partial small message: finish it blocking
+            self.sock.sendall(data[sent:])
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

@@ -1,0 +1,207 @@
+"""The vhost-user socket side of the process: listen (or connect), one frontend at a time.
+
+Runs on an asyncio event loop owned by the caller (the ``vballoon`` process):
+the main socket, kick eventfds and the backend channel are plain readers on
+that loop. A frontend that breaks the protocol or goes away loses its
+connection; the process and the balloon device stay, and the next frontend
+is served. (QEMU 11.1's vhost-user-test-device cannot reconnect, so with it a
+backend restart means a VM restart; a backend must therefore never exit on
+anything a frontend or guest sends.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+from device import BalloonDevice
+from vhost_user.adapter import BalloonVhostUserBackend
+from vhost_user.connection import Connection
+from vhost_user.dispatcher import Dispatcher
+from vhost_user.errors import DisconnectedError, VhostUserError
+
+log = logging.getLogger(__name__)
+
+#: Seconds between connection attempts in client mode.
+RECONNECT_INTERVAL = 0.5
+
+
+class SocketPathError(VhostUserError):
+    """The socket path cannot be used (exists, live, not writable)."""
+
+
+def prepare_socket_path(path: str) -> None:
+    """Make ``path`` free for bind: remove a stale socket, refuse anything else.
+
+    :raise SocketPathError: if something listens there, or it is not a socket,
+        or its directory is missing or not writable.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise SocketPathError(f"{path}: directory {parent} does not exist") from None
+        if not os.access(parent, os.W_OK):
+            raise SocketPathError(f"{path}: directory {parent} is not writable") from None
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: nobody listens
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise SocketPathError(f"{path}: another process is listening on this socket")
+
+
+class VhostUserDaemon:
+    """Serves the balloon to one vhost-user frontend at a time.
+
+    :param device: the balloon device (outlives connections)
+    :param path: Unix socket path
+    :param client: connect to a frontend listening at ``path`` instead of listening
+    :param on_event: called with a short string on connect/disconnect (for tests/logs)
+    """
+
+    def __init__(
+        self,
+        device: BalloonDevice,
+        path: str,
+        *,
+        client: bool = False,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.path = path
+        self.client = client
+        self.on_event = on_event
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.listener: socket.socket | None = None
+        self.conn: Connection | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.backend: BalloonVhostUserBackend | None = None
+        self.connections = 0
+        self._reconnect: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Listen on (or connect to) the socket.
+
+        :raise SocketPathError: listen mode and the path cannot be used.
+        """
+        self.loop = loop
+        if self.client:
+            self._try_connect()
+            return
+        prepare_socket_path(self.path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            s.bind(self.path)
+        except OSError as err:
+            s.close()
+            raise SocketPathError(f"{self.path}: cannot listen: {err.strerror}") from err
+        finally:
+            os.umask(old)
+        s.listen(4)
+        s.setblocking(False)
+        self.listener = s
+        loop.add_reader(s.fileno(), self._on_accept)
+        log.info("vhost-user: listening on %s", self.path)
+
+    def close(self) -> None:
+        """Drop the frontend (finishing nothing half-done) and stop listening."""
+        self._closed = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        self._drop("shutting down")
+        if self.listener is not None and self.loop is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    # -- connections -----------------------------------------------------------------
+
+    def _on_accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            log.warning("vhost-user: refusing a second frontend while one is connected")
+            sock.close()
+            return
+        self._attach(sock)
+
+    def _try_connect(self) -> None:
+        self._reconnect = None
+        if self._closed:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError as err:
+            sock.close()
+            log.debug("vhost-user: connect to %s failed: %s", self.path, err)
+            assert self.loop is not None
+            self._reconnect = self.loop.call_later(RECONNECT_INTERVAL, self._try_connect)
+            return
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        assert self.loop is not None
+        self.connections += 1
+        self.conn = Connection(sock)
+        self.backend = BalloonVhostUserBackend(self.device, self.loop)
+        self.dispatcher = Dispatcher(self.conn, self.backend)
+        self.loop.add_reader(self.conn.fileno(), self._on_readable)
+        log.info("vhost-user: frontend connected (connection %d)", self.connections)
+        if self.on_event:
+            self.on_event("connected")
+
+    def _on_readable(self) -> None:
+        assert self.dispatcher is not None
+        try:
+            self.dispatcher.handle_one()
+        except DisconnectedError as err:
+            self._drop(f"frontend disconnected ({err})")
+        except VhostUserError as err:
+            log.error("vhost-user: closing the connection: %s", err)
+            self._drop("protocol error")
+        except Exception:  # a bug of ours must not take the VM's balloon process down
+            log.exception("vhost-user: internal error; closing the connection")
+            self._drop("internal error")
+
+    def _drop(self, why: str) -> None:
+        if self.conn is None:
+            return
+        assert self.loop is not None
+        self.loop.remove_reader(self.conn.fileno())
+        if self.backend is not None:
+            self.backend.close()
+        self.conn.close()
+        self.conn = self.dispatcher = self.backend = None
+        log.info(
+            "vhost-user: %s; balloon state kept (%d frames ballooned)",
+            why,
+            self.device.engine.ballooned_frames,
+        )
+        if self.on_event:
+            self.on_event("disconnected")
+        if self.client and not self._closed:
+            self._reconnect = self.loop.call_later(RECONNECT_INTERVAL, self._try_connect)
