@@ -1,6 +1,8 @@
 """The ``vballoon`` command line.
 
 Subcommands:
+  serve           the device process QEMU attaches over vhost-user
+  ctl             talk to a running ``serve`` through its control socket
   bench discard   the device's data path against raw kernel syscalls
   demo            an in-process guest balloons and reports memory; shows it coming back
 """
@@ -46,6 +48,71 @@ def _cmd_bench_discard(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Microseconds ``serve`` watches a ring after work (see --busy-poll-us).
+DEFAULT_BUSY_POLL_US = 0
+
+#: ``--no-X`` switches of ``serve``: (option, BalloonConfig field, what it turns off)
+FEATURE_SWITCHES = [
+    ("stats", "stats", "the statistics queue (STATS_VQ)"),
+    ("reporting", "reporting", "free page reporting (REPORTING)"),
+    ("free-page-hint", "free_page_hint", "free page hinting (FREE_PAGE_HINT)"),
+    ("deflate-on-oom", "deflate_on_oom", "DEFLATE_ON_OOM"),
+    ("page-poison", "page_poison", "PAGE_POISON"),
+    ("must-tell-host", "must_tell_host", "MUST_TELL_HOST"),
+    ("range-report", "range_report", "vballoon's range-report queue (experimental)"),
+    ("event-idx", "event_idx", "VIRTIO_RING_F_EVENT_IDX"),
+    ("indirect-desc", "indirect_desc", "VIRTIO_RING_F_INDIRECT_DESC"),
+]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from device import BalloonConfig
+    from vballoon.serve import ServeOptions, StartupError, serve
+
+    if args.stats_interval < 0:
+        print("vballoon serve: --stats-interval must be >= 0", file=sys.stderr)
+        return 2
+    config = BalloonConfig(stats_interval=args.stats_interval)
+    for _, fld, _ in FEATURE_SWITCHES:
+        setattr(config, fld, not getattr(args, f"no_{fld}"))
+    if args.busy_poll_us < 0:
+        print("vballoon serve: --busy-poll-us must be >= 0", file=sys.stderr)
+        return 2
+    opts = ServeOptions(
+        socket=args.socket,
+        control=args.control,
+        client=args.client,
+        busy_poll_us=args.busy_poll_us,
+        config=config,
+    )
+    try:
+        return asyncio.run(serve(opts))
+    except StartupError as err:
+        print(f"vballoon serve: {err}", file=sys.stderr)
+        return 1
+
+
+def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
+    from vballoon.bench import BenchError, run_vhost_user_bench
+
+    try:
+        result = run_vhost_user_bench(size=args.size, repeat=args.repeat)
+    except BenchError as err:
+        print(f"vballoon bench vhost-user: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        s = result["seconds"]
+        print(f"vballoon bench vhost-user: {args.size >> 20} MiB inflated as 256-PFN buffers")
+        print(f"  vhost-user (socket, eventfds, rings, child): {s['vhost_user']:.3f} s")
+        print(f"  in-process (same rings and device):         {s['inprocess']:.3f} s")
+        print(f"  vhost_user_vs_inprocess = {result['vhost_user_vs_inprocess']:.2f} (goal >= 0.8)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vballoon.demo import run_demo
 
@@ -58,15 +125,68 @@ def build_parser() -> argparse.ArgumentParser:
         description="A virtio-balloon device that runs beside QEMU and gives guest memory "
         "back to the host (hole punching shared guest RAM, C data plane).",
     )
-    parser.add_argument(
-        "--log-level",
-        default="warning",
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: warning)",
-    )
+    levels = ["debug", "info", "warning", "error"]
+    level_help = "log verbosity (default: info for serve, warning otherwise)"
+    parser.add_argument("--log-level", default=None, choices=levels, help=level_help)
+    # Also accepted after the subcommand (vballoon serve ... --log-level debug).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help=level_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    bench = sub.add_parser("bench", help="measure the data path against raw kernel syscalls")
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the balloon device for QEMU (vhost-user)",
+        description="Run the virtio-balloon device. QEMU attaches it with "
+        "-chardev socket,id=bal,path=SOCKET -device vhost-user-test-device-pci,chardev=bal,"
+        "virtio-id=5,num_vqs=6,vq_size=64,config_size=16 and guest RAM from "
+        "-object memory-backend-memfd,share=on. Targets and stats go through the control "
+        "socket (QEMU's own balloon commands cannot reach an external device). "
+        "With this frontend a backend restart means a VM restart: QEMU 11.1's "
+        "vhost-user-test-device cannot reconnect.",
+    )
+    serve.add_argument(
+        "--socket",
+        required=True,
+        metavar="PATH",
+        help="vhost-user socket (created; QEMU connects to it)",
+    )
+    serve.add_argument(
+        "--client",
+        action="store_true",
+        help="connect to PATH instead (QEMU's chardev in server mode)",
+    )
+    serve.add_argument(
+        "--control",
+        required=True,
+        metavar="PATH",
+        help="QMP-compatible control socket to create (mode 0600)",
+    )
+    serve.add_argument(
+        "--stats-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between guest statistics refreshes; 0: never (default 5)",
+    )
+    serve.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=DEFAULT_BUSY_POLL_US,
+        metavar="US",
+        help="after a kick that did work, watch the ring this many microseconds for the "
+        "next buffer before sleeping (saves a wake-up per buffer; 0: off; default "
+        f"{DEFAULT_BUSY_POLL_US})",
+    )
+    for opt, fld, what in FEATURE_SWITCHES:
+        serve.add_argument(
+            f"--no-{opt}", dest=f"no_{fld}", action="store_true", help=f"do not offer {what}"
+        )
+    serve.set_defaults(func=_cmd_serve)
+
+    bench = sub.add_parser(
+        "bench", parents=[common], help="measure the data path against raw kernel syscalls"
+    )
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     disc = bench_sub.add_parser(
         "discard",
@@ -86,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--repeat", type=int, default=3, help="runs per scenario, median (default 3)")
     disc.set_defaults(func=_cmd_bench_discard)
 
+    vu = bench_sub.add_parser(
+        "vhost-user",
+        help="inflate through vballoon serve over vhost-user vs the in-process path",
+        description="Start vballoon serve as a child, attach our vhost-user frontend with memfd "
+        "guest memory, and inflate 256-PFN buffers one at a time through kick and call "
+        "eventfds; compare with the same inflate in-process. Prints vhost_user_vs_inprocess "
+        "(in-process time / vhost-user time).",
+    )
+    vu.add_argument("--json", action="store_true", help="print one JSON object")
+    vu.add_argument(
+        "--size",
+        type=parse_size,
+        default=1 << 30,
+        help="guest memory to inflate per run (default 1G)",
+    )
+    vu.add_argument("--repeat", type=int, default=5, help="runs, best of them (default 5)")
+    vu.set_defaults(func=_cmd_bench_vhost_user)
+
     demo = sub.add_parser(
         "demo",
         help="balloon, report and range-report a memfd guest in-process; show memory returned",
@@ -99,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = args.log_level or ("info" if args.command == "serve" else "warning")
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         return int(args.func(args))

@@ -70,6 +70,7 @@ class VhostUserDaemon:
     :param device: the balloon device (outlives connections)
     :param path: Unix socket path
     :param client: connect to a frontend listening at ``path`` instead of listening
+    :param busy_poll_us: see :class:`BalloonVhostUserBackend`
     :param on_event: called with a short string on connect/disconnect (for tests/logs)
     """
 
@@ -79,9 +80,11 @@ class VhostUserDaemon:
         path: str,
         *,
         client: bool = False,
+        busy_poll_us: int = 0,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.device = device
+        self.busy_poll_us = busy_poll_us
         self.path = path
         self.client = client
         self.on_event = on_event
@@ -167,7 +170,7 @@ class VhostUserDaemon:
         assert self.loop is not None
         self.connections += 1
         self.conn = Connection(sock)
-        self.backend = BalloonVhostUserBackend(self.device, self.loop)
+        self.backend = BalloonVhostUserBackend(self.device, self.loop, self.busy_poll_us)
         self.dispatcher = Dispatcher(self.conn, self.backend)
         self.loop.add_reader(self.conn.fileno(), self._on_readable)
         log.info("vhost-user: frontend connected (connection %d)", self.connections)

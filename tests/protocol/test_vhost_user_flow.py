@@ -153,3 +153,20 @@ def test_add_and_remove_memory_regions(backend: BackendThread, sock_path: str) -
     g.close()
     ram.close()
     extra.close()
+
+
+def test_busy_poll_catches_a_buffer_posted_without_a_kick(sock_path: str) -> None:
+    b = BackendThread(sock_path, busy_poll_us=300_000)
+    ram = GuestRam(16 * MiB)
+    ram.fill_pattern()
+    g = Guest(sock_path, ram)
+    g.start()
+    g.inflate(Queue.INFLATE, [100])  # work done: the backend now watches the ring
+    ring = g.rings[Queue.INFLATE]
+    before = ram.allocated()
+    ring.add([ring.buffer(struct.pack("<I", 200))])  # no kick
+    assert g.wait_call(Queue.INFLATE), "the polling backend did not see the buffer"
+    assert ring.get_used() and before - ram.allocated() == FRAME_SIZE
+    g.close()
+    ram.close()
+    b.stop()

@@ -33,10 +33,14 @@ RING_AREA = 8 * MiB
 class BackendThread:
     """The real daemon, serving on ``path`` from a thread with its own event loop."""
 
-    def __init__(self, path: str, config: BalloonConfig | None = None) -> None:
+    def __init__(
+        self, path: str, config: BalloonConfig | None = None, busy_poll_us: int = 0
+    ) -> None:
         self.device = BalloonDevice(config or BalloonConfig(stats_interval=0), DetachedInterrupts())
         self.events: list[str] = []
-        self.daemon = VhostUserDaemon(self.device, path, on_event=self.events.append)
+        self.daemon = VhostUserDaemon(
+            self.device, path, busy_poll_us=busy_poll_us, on_event=self.events.append
+        )
         self.loop = asyncio.new_event_loop()
         started: Future[None] = Future()
 

@@ -60,3 +60,10 @@ def test_bench_discard_json_interface(capsys: pytest.CaptureFixture[str]) -> Non
 def test_demo_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo"]) == 0
     assert "demo passed" in capsys.readouterr().out
+
+
+def test_bench_vhost_user_json_interface(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "vhost-user", "--json", "--size", "32M", "--repeat", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["vhost_user_vs_inprocess"] > 0
+    assert result["seconds"]["vhost_user"] > 0 and result["seconds"]["inprocess"] > 0

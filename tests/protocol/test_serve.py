@@ -1,0 +1,76 @@
+"""``vballoon serve`` as a process: startup errors, a frontend, SIGTERM, clean exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+from device import Queue
+from tests.driver import GuestRam, MiB
+from tests.protocol.vhost_rig import Guest
+
+
+def _serve(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vballoon.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_path(path: str, proc: subprocess.Popen[str]) -> None:
+    end = time.monotonic() + 10
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end
+        time.sleep(0.01)
+
+
+def test_serve_runs_a_frontend_and_exits_cleanly_on_sigterm(tmp_path) -> None:
+    sock, ctl = str(tmp_path / "v.sock"), str(tmp_path / "c.sock")
+    proc = _serve("--socket", sock, "--control", ctl)
+    _wait_path(ctl, proc)
+    assert stat.S_IMODE(os.stat(ctl).st_mode) == 0o600
+    ram = GuestRam(16 * MiB)
+    ram.fill_pattern()
+    g = Guest(sock, ram)
+    g.start()
+    before = ram.allocated()
+    g.inflate(Queue.INFLATE, list(range(10, 266)))
+    assert before - ram.allocated() == 256 * 4096
+    # A buffer posted and kicked right before SIGTERM is finished and returned.
+    ring = g.rings[Queue.INFLATE]
+    ring.add([ring.buffer(struct.pack("<I", 300))])
+    g.notify(Queue.INFLATE)
+    assert g.wait_call(Queue.INFLATE)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert ring.get_used()
+    assert not os.path.exists(sock) and not os.path.exists(ctl)
+    assert "frontend connected" in err and "shutting down" in err
+    assert "negotiated" in err and "queue 0 (inflate) started" in err
+    g.close()
+    ram.close()
+
+
+def test_serve_startup_errors_are_one_line(tmp_path) -> None:
+    ctl = str(tmp_path / "c.sock")
+    proc = _serve("--socket", "/nonexistent-dir/v.sock", "--control", ctl)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [
+        "vballoon serve: /nonexistent-dir/v.sock: directory /nonexistent-dir does not exist"
+    ]
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    proc = _serve("--socket", str(regular), "--control", ctl)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 1 and "exists and is not a socket" in err
+    assert regular.read_text() == "x"
