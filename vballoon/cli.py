@@ -94,6 +94,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from vballoon.ctl import run_ctl
+
+    return run_ctl(args.control, args.action, args.size, json_output=args.json)
+
+
 def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
     from vballoon.bench import BenchError, run_vhost_user_bench
 
@@ -184,6 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
         )
     serve.set_defaults(func=_cmd_serve)
 
+    ctl = sub.add_parser(
+        "ctl",
+        parents=[common],
+        help="talk to a running vballoon serve (target, stats, info)",
+        description="Drive a running vballoon serve through its QMP-compatible control "
+        "socket (qemu.qmp and qmp-shell work on it too). Actions: 'target SIZE' sets the "
+        "guest's memory size (like QEMU's balloon command; SIZE like 512M or 1G), 'stats' "
+        "shows the guest's latest memory statistics, 'info' shows features, queues and "
+        "counters.",
+    )
+    ctl.add_argument("--control", required=True, metavar="PATH", help="the control socket")
+    ctl.add_argument("--json", action="store_true", help="print the raw QMP answer as JSON")
+    ctl.add_argument("action", choices=["target", "stats", "info"], help="what to do")
+    ctl.add_argument(
+        "size",
+        nargs="?",
+        default=None,
+        metavar="SIZE",
+        help="with target: the guest memory size to aim for",
+    )
+    ctl.set_defaults(func=_cmd_ctl)
+
     bench = sub.add_parser(
         "bench", parents=[common], help="measure the data path against raw kernel syscalls"
     )
@@ -248,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import signal
 from dataclasses import dataclass, field
 
 from device import BalloonConfig, BalloonDevice
-from vballoon.control import ControlServer
+from vballoon.control import ControlError, ControlServer
 from vhost_user import VhostUserDaemon, VhostUserError
 from vhost_user.adapter import DetachedInterrupts
 
@@ -53,9 +53,9 @@ async def serve(opts: ServeOptions) -> int:
         raise StartupError(str(err)) from err
     try:
         await control.start()
-    except Exception as err:
+    except ControlError as err:
         daemon.close()
-        raise StartupError(f"control socket: {err}") from err
+        raise StartupError(str(err)) from err
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
