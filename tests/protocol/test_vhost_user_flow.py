@@ -170,3 +170,31 @@ def test_busy_poll_catches_a_buffer_posted_without_a_kick(sock_path: str) -> Non
     g.close()
     ram.close()
     b.stop()
+
+
+def test_reset_device_forgets_the_balloon_keeps_the_target(
+    guest: Guest, backend: BackendThread
+) -> None:
+    backend.call(lambda: backend.device.set_num_pages(256))
+    guest.inflate(Queue.INFLATE, list(range(100, 356)))
+    guest.fe.set_config(4, struct.pack("<I", 256))
+    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 256
+    guest.fe.reset_device()
+    dev = backend.device
+    assert backend.call(lambda: (dev.engine.ballooned_frames, dev.num_pages, dev.actual)) == (
+        0,
+        256,
+        256,
+    )
+    assert backend.call(lambda: dev.queues) == {}
+
+
+def test_status_reaches_the_device(backend: BackendThread, sock_path: str) -> None:
+    ram = GuestRam(16 * MiB)
+    g = Guest(sock_path, ram)
+    g.start()
+    assert g.fe.protocol_features & ProtocolFeature.STATUS
+    g.fe.set_status(1 | 2 | 8 | 4)  # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+    assert backend.call(lambda: backend.device.status) & 4
+    g.close()
+    ram.close()

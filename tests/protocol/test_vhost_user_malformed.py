@@ -112,6 +112,24 @@ def _ring_outside_memory(fe: VhostUserFrontend) -> None:
 CASES["ring addresses outside memory"] = _ring_outside_memory
 
 
+def _no_memory(fe: VhostUserFrontend) -> None:
+    """A frontend that starts a ring without ever sending a memory table."""
+    fe.handshake()
+    fe.set_features(fe.get_features())
+    fe.set_vring_num(0, 64)
+    fe.send(
+        R.SET_VRING_ADDR,
+        VringAddr(0, 0, UADDR_BASE, UADDR_BASE + 4096, UADDR_BASE + 2048, 0).pack(),
+    )
+    kick = os.eventfd(1)
+    fe.send(R.SET_VRING_KICK, struct.pack("<Q", 0), [kick])
+    os.close(kick)
+    fe.send(R.SET_VRING_ENABLE, VringState(0, 1).pack())
+
+
+CASES["ring started without any memory"] = _no_memory
+
+
 def _closed(fe: VhostUserFrontend) -> bool:
     fe.conn.sock.settimeout(5)
     try:
