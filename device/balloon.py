@@ -360,6 +360,12 @@ class BalloonDevice:
                     if q.enable_notification(mem):
                         continue  # raced with the driver: more arrived
                     break
+                if role is Queue.STATS:
+                    # A driver that sends a new stats buffer while we hold one gets the
+                    # old one back first (only one is ever outstanding, spec 5.5.6.3).
+                    old = self._stats.take_held()
+                    if old is not None:
+                        q.push(mem, old, 0)
                 try:
                     used = handler.handle(mem, chain)
                 except GuestError as err:

@@ -54,7 +54,13 @@ def readable_bytes(mem: GuestMemory, chain: DescriptorChain, limit: int) -> tupl
         if region is not None and gpa + n <= region.end:
             off = gpa - region.gpa
             return ffi.cast("uint8_t *", region.hva + off), n
-    data = b"".join(mem.read(gpa, n) for gpa, n in chain.readable)[:limit]
+    parts, left = [], limit
+    for gpa, n in chain.readable:  # copy only what will be read
+        if left <= 0:
+            break
+        parts.append(mem.read(gpa, min(n, left)))
+        left -= min(n, left)
+    data = b"".join(parts)
     return ffi.from_buffer(data), len(data)
 
 

@@ -469,7 +469,7 @@ static int parse_header(const uint8_t *buf, size_t len, struct report *rp)
 	struct vballoon_report_hdr h;
 
 	if (len < sizeof(h))
-		return VBALLOON_REPORT_E_COUNT;
+		return VBALLOON_REPORT_E_CHAIN;	/* no room for a header */
 	memcpy(&h, buf, sizeof(h));
 	if (le16toh(h.version) != VBALLOON_REPORT_VERSION)
 		return VBALLOON_REPORT_E_VERSION;
