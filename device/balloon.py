@@ -240,7 +240,14 @@ class BalloonDevice:
         _, actual, _, poison = _CONFIG.unpack(cur)
         if offset < 8 and offset + len(data) > 4 and actual != self.actual:
             self.actual = actual
-            log.info("guest balloon now %d MiB", actual * FRAME_SIZE >> 20)
+            # One line per buffer would be per-page spam: info only when the target is met.
+            level = logging.INFO if actual == self.num_pages else logging.DEBUG
+            log.log(
+                level,
+                "guest balloon now %d MiB (target %d MiB)",
+                actual * FRAME_SIZE >> 20,
+                self.num_pages * FRAME_SIZE >> 20,
+            )
             if self.on_actual_change is not None:
                 self.on_actual_change(actual)
         if offset + len(data) > 12 and self.has(Feature.PAGE_POISON) and poison != self.poison_val:

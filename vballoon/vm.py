@@ -1,0 +1,354 @@
+"""A Linux guest under QEMU with vballoon (vhost-user) or QEMU's own balloon.
+
+Used by the VM tests, ``make demo`` and the VM benchmark. ``VM`` is a context
+manager that always tears everything down (QEMU, ``vballoon serve``, sockets),
+also when a step fails. QEMU's QMP and vballoon's control socket are both
+driven with ``qemu.qmp``; they answer the same balloon commands, so a test
+runs the same assertions against either balloon.
+
+Host-side readings come from outside QEMU: the guest RAM file's allocated
+blocks through ``/proc/<qemu>/fd`` (what the host really holds), and the CPU
+time of QEMU and vballoon from ``/proc/<pid>/stat``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from vballoon.guest_agent import GuestAgent
+from vballoon.testenv import TestEnv
+
+CONFIGS = Path(__file__).resolve().parent.parent / "qemu-configs"
+MiB = 1 << 20
+
+
+class VMError(RuntimeError):
+    """Something about the VM did not go as it must (boot, command, wait)."""
+
+
+def config_args(name: str, values: dict[str, str]) -> list[str]:
+    """The arguments of ``qemu-configs/<name>.args`` with ``${VAR}`` filled in.
+
+    :raise VMError: if a placeholder has no value.
+    """
+    out = []
+    for line in (CONFIGS / f"{name}.args").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+
+        def sub(m: re.Match[str]) -> str:
+            try:
+                return values[m.group(1)]
+            except KeyError:
+                raise VMError(f"{name}.args needs ${{{m.group(1)}}}") from None
+
+        out.append(re.sub(r"\$\{(\w+)\}", sub, line))
+    return out
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``pred`` until it returns something truthy; its value, or VMError after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise VMError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class VMOptions:
+    """How to build one VM."""
+
+    balloon: Literal["vballoon", "qemu"] = "vballoon"
+    mem_mib: int = 1024
+    cpus: int = 1
+    memory: Literal["memfd", "hugetlbfs"] = "memfd"
+    hugetlbfs: str | None = None
+    #: extra ``vballoon serve`` options (e.g. ``--no-reporting``)
+    vballoon_args: Sequence[str] = ()
+    #: QEMU balloon properties, e.g. ``{"free-page-reporting": "on"}``
+    builtin_props: dict[str, str] = field(default_factory=dict)
+    load_balloon: bool = True
+    append: str = ""
+    num_vqs: int = 6
+    boot_timeout: float = 120.0
+
+
+class VM:
+    """One guest; use as ``with VM(env, VMOptions(...)) as vm:``."""
+
+    def __init__(self, env: TestEnv, opts: VMOptions) -> None:
+        self.env = env
+        self.opts = opts
+        self.workdir = Path(tempfile.mkdtemp(prefix="vballoon-vm-"))
+        self.console_log = self.workdir / "console.log"
+        self.vballoon_log = self.workdir / "vballoon.log"
+        self.qmp_sock = str(self.workdir / "qmp.sock")
+        self.agent_sock = str(self.workdir / "agent.sock")
+        self.vhost_sock = str(self.workdir / "vhost.sock")
+        self.control_sock = str(self.workdir / "control.sock")
+        self.qemu: subprocess.Popen[bytes] | None = None
+        self.backend: subprocess.Popen[bytes] | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.ctl: QEMUMonitorProtocol | None = None
+        self.agent: GuestAgent | None = None
+        self._qemu_err = self.workdir / "qemu.stderr"
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def __enter__(self) -> VM:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _append(self) -> str:
+        parts = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4"]
+        if self.opts.load_balloon:
+            parts.append("vballoon.load_balloon=1")
+        if self.opts.append:
+            parts.append(self.opts.append)
+        return " ".join(parts)
+
+    def qemu_args(self) -> list[str]:
+        o = self.opts
+        values = {
+            "ACCEL": self.env.accel,
+            "CPUS": str(o.cpus),
+            "MEM_MIB": str(o.mem_mib),
+            "KERNEL": str(self.env.kernel),
+            "INITRD": str(self.env.initramfs),
+            "APPEND": self._append(),
+            "CONSOLE_LOG": str(self.console_log),
+            "AGENT_SOCK": self.agent_sock,
+            "QMP_SOCK": self.qmp_sock,
+            "HUGETLBFS": o.hugetlbfs or "",
+            "VHOST_SOCK": self.vhost_sock,
+            "NUM_VQS": str(o.num_vqs),
+            "BUILTIN_PROPS": "".join(f",{k}={v}" for k, v in o.builtin_props.items()),
+        }
+        args = config_args("base", values) + config_args(f"memory-{o.memory}", values)
+        args += config_args(
+            "balloon-vhost-user" if o.balloon == "vballoon" else "balloon-builtin", values
+        )
+        return args
+
+    def start(self) -> None:
+        """Start vballoon (if used), then QEMU, then wait until the guest's agent answers."""
+        if self.opts.balloon == "vballoon":
+            self._start_vballoon()
+        with open(self._qemu_err, "wb") as err:
+            self.qemu = subprocess.Popen(
+                [*self.env.qemu_cmd, *self.qemu_args()],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(lambda: os.path.exists(self.qmp_sock) or self._qemu_died(), 30, "QEMU's QMP")
+        self._check_alive("starting")
+        self.qmp = QEMUMonitorProtocol(self.qmp_sock)
+        self.qmp.connect(negotiate=True)
+        if self.opts.balloon == "vballoon":
+            self.ctl = QEMUMonitorProtocol(self.control_sock)
+            self.ctl.connect(negotiate=True)
+        else:
+            self.ctl = self.qmp
+        self.agent = GuestAgent(self.agent_sock, console_log=str(self.console_log))
+        try:
+            self.agent.wait_ready(self.opts.boot_timeout)
+        except Exception as err:
+            raise VMError(f"guest did not come up: {err}\n{self.diagnostics()}") from err
+
+    def _start_vballoon(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "vballoon.cli",
+            "serve",
+            "--socket",
+            self.vhost_sock,
+            "--control",
+            self.control_sock,
+            "--stats-interval",
+            "1",
+            "--log-level",
+            "info",
+            *self.opts.vballoon_args,
+        ]
+        with open(self.vballoon_log, "wb") as log:
+            self.backend = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            lambda: os.path.exists(self.control_sock) or self.backend.poll() is not None,
+            30,
+            "vballoon serve",
+        )
+        if self.backend.poll() is not None:
+            raise VMError(f"vballoon serve exited: {self.vballoon_log.read_text()}")
+
+    def _qemu_died(self) -> bool:
+        return self.qemu is not None and self.qemu.poll() is not None
+
+    def _check_alive(self, what: str) -> None:
+        if self._qemu_died():
+            raise VMError(f"QEMU exited while {what}:\n{self.diagnostics()}")
+
+    def diagnostics(self) -> str:
+        """Tails of QEMU's stderr, the guest console and vballoon's log."""
+        out = []
+        for name, p in (
+            ("qemu", self._qemu_err),
+            ("console", self.console_log),
+            ("vballoon", self.vballoon_log),
+        ):
+            with contextlib.suppress(OSError):
+                tail = p.read_text(errors="replace").splitlines()[-25:]
+                out.append(f"--- {name} ---\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        """Tear everything down; safe to call twice and after a failed start."""
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                self.agent.close()
+            self.agent = None
+        if self.qmp is not None and self.qemu is not None and self.qemu.poll() is None:
+            with contextlib.suppress(Exception):
+                self.qmp.cmd_raw("quit")
+        for mon in {id(m): m for m in (self.ctl, self.qmp) if m is not None}.values():
+            with contextlib.suppress(Exception):
+                mon.close()
+        self.qmp = self.ctl = None
+        for proc, sig in ((self.qemu, signal.SIGTERM), (self.backend, signal.SIGTERM)):
+            if proc is None or proc.poll() is not None:
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            if proc.poll() is None:
+                proc.send_signal(sig)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if os.environ.get("VBALLOON_KEEP_VM_LOGS"):
+            return
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- guest commands -------------------------------------------------------------
+
+    def run(self, cmd: str, timeout: float = 60.0) -> str:
+        """Run ``cmd`` in the guest; its output. :raise VMError: on a non-zero exit."""
+        assert self.agent is not None
+        rc, out = self.agent.run(cmd, timeout=timeout)
+        if rc != 0:
+            raise VMError(f"guest command {cmd!r} exited {rc}: {out}")
+        return out
+
+    def run_rc(self, cmd: str, timeout: float = 60.0) -> tuple[int, str]:
+        assert self.agent is not None
+        return self.agent.run(cmd, timeout=timeout)
+
+    def meminfo(self) -> dict[str, int]:
+        """The guest's /proc/meminfo in bytes."""
+        out = {}
+        for line in self.run("cat /proc/meminfo").splitlines():
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[name] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+        return out
+
+    # -- balloon (same commands for both balloons) -----------------------------------
+
+    def _ctl(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """The raw QMP response (``return`` or ``error``) from the balloon's controller."""
+        assert self.ctl is not None
+        return self.ctl.cmd_raw(cmd, args or None)
+
+    def balloon(self, guest_size: int) -> None:
+        """Ask for the guest to have ``guest_size`` bytes (QEMU's ``balloon`` semantics)."""
+        resp = self._ctl("balloon", value=guest_size)
+        if "error" in resp:
+            raise VMError(f"balloon {guest_size}: {resp['error']}")
+
+    def actual(self) -> int:
+        """The guest's current size as the balloon reports it (bytes)."""
+        resp = self._ctl("query-balloon")
+        if "error" in resp:
+            raise VMError(f"query-balloon: {resp['error']}")
+        return int(resp["return"]["actual"])
+
+    def wait_actual(self, guest_size: int, timeout: float) -> float:
+        """Wait until the guest reached ``guest_size``; the seconds it took."""
+        t0 = time.monotonic()
+        wait_for(lambda: self.actual() == guest_size, timeout, f"guest size {guest_size >> 20} MiB")
+        return time.monotonic() - t0
+
+    def vballoon_info(self) -> dict[str, Any]:
+        resp = self._ctl("query-vballoon")
+        return resp["return"]
+
+    # -- host-side readings --------------------------------------------------------------
+
+    def _ram_fd_path(self) -> str:
+        assert self.qemu is not None
+        fd_dir = f"/proc/{self.qemu.pid}/fd"
+        for name in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"{fd_dir}/{name}")
+                if "memfd:mem" in target or (
+                    self.opts.hugetlbfs and target.startswith(self.opts.hugetlbfs)
+                ):
+                    return f"{fd_dir}/{name}"
+        raise VMError("cannot find the guest RAM file among QEMU's fds")
+
+    def host_ram_bytes(self) -> int:
+        """Bytes of guest RAM the host really holds (the RAM file's allocated blocks)."""
+        return os.stat(self._ram_fd_path()).st_blocks * 512
+
+    def qemu_cpu(self) -> float:
+        assert self.qemu is not None
+        return cpu_seconds(self.qemu.pid)
+
+    def vballoon_cpu(self) -> float:
+        assert self.backend is not None
+        return cpu_seconds(self.backend.pid)
+
+
+@contextlib.contextmanager
+def running_vm(env: TestEnv, **kw: Any) -> Iterator[VM]:
+    """``with running_vm(env, balloon="qemu", mem_mib=1024) as vm:``"""
+    with VM(env, VMOptions(**kw)) as vm:
+        yield vm
