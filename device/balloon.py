@@ -118,6 +118,8 @@ class BalloonDevice:
         #: called with the new ``actual`` (4 KiB pages) when the driver changes it
         self.on_actual_change: Callable[[int], None] | None = None
         self._stats = StatsHandler(self.metrics, config.stats_interval, clock)
+        #: avail index at which the held stats buffer was taken
+        self._stats_held_at = 0
         self._handlers = {
             Queue.INFLATE: InflateHandler(self.engine, self.metrics),
             Queue.DEFLATE: DeflateHandler(self.engine, self.metrics),
@@ -191,8 +193,15 @@ class BalloonDevice:
         q = self.queues.pop(index, None)
         if q is None:
             return None
-        if self.layout.queue_at(index) is Queue.STATS and self._stats.take_held() is not None:
-            q.undo_pop()
+        head = self._stats.take_held() if self.layout.queue_at(index) is Queue.STATS else None
+        if head is not None:
+            if q.next_avail == (self._stats_held_at + 1) & 0xFFFF:
+                q.undo_pop()  # it was the last chain taken: the next start sees it again
+            elif self.memory is not None:
+                # Chains were taken after it (a skipped bad chain): it cannot be un-taken,
+                # so return it now; the driver answers with fresh stats.
+                q.push(self.memory, head, 0)
+                q.publish(self.memory)
         return q.next_avail
 
     def driver_ok(self) -> None:
@@ -381,6 +390,8 @@ class BalloonDevice:
                     used = 0
                 if used is not None:
                     q.push(mem, chain.head, used)
+                elif role is Queue.STATS:
+                    self._stats_held_at = (q.next_avail - 1) & 0xFFFF
                 budget -= 1
             else:
                 more = q.pending(mem) > 0

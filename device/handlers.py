@@ -300,7 +300,9 @@ class RangeReportHandler:
             err, frames, bad = _RANGE_REPORT_E_CHAIN, 0, 0xFFFFFFFF
         else:
             ptr, n = readable_bytes(mem, chain, MAX_RANGE_REPORT_BYTES)
-            err, frames, bad = self.engine.range_report(ffi.buffer(ptr, n))
+            # A private copy: the report is read twice (validate, then discard), and a
+            # vCPU rewriting it in between must not get unvalidated records discarded.
+            err, frames, bad = self.engine.range_report(bytes(ffi.buffer(ptr, n)))
         if err:
             self.metrics.range_report_errors += 1
         mem.write(chain.writable[0][0], _STATUS.pack(err, bad, frames))

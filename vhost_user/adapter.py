@@ -367,6 +367,10 @@ class BalloonVhostUserBackend(VhostUserBackend):
             raise ProtocolError(f"vring {index}: {err}") from err
         v.started = True
         v.err_signalled = False
+        # QEMU starts a vhost-user backend only once the driver set DRIVER_OK, and the
+        # test device sends SET_STATUS(FEATURES_OK) but never DRIVER_OK: a started ring
+        # is our evidence.
+        self.device.status |= Status.DRIVER_OK
         self.loop.add_reader(v.kick, self._on_kick, index)
         log.info(
             "queue %d (%s) started: size %d, base %d",

@@ -218,6 +218,7 @@ class Dispatcher:
             _close(fds)
             raise
         arm = ARMS[req]
+        log.debug("<- %s %s", req.name, body.hex() if len(body) <= 40 else f"({len(body)} bytes)")
         try:
             reply = arm.call(self.backend, body, fds)
         except BaseException:
