@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -240,10 +241,9 @@ def hugetlbfs() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.fail("the hugetlbfs VM test needs root (nr_hugepages, mount)")
     path = "/proc/sys/vm/nr_hugepages"
-    old = int(open(path).read())
-    with open(path, "w") as f:
-        f.write(str(old + 540))
-    got = int(open(path).read())
+    old = int(Path(path).read_text())
+    Path(path).write_text(str(old + 540))
+    got = int(Path(path).read_text())
     mnt = tempfile.mkdtemp(prefix="vballoon-huge-")
     subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", mnt], check=True)
     try:
