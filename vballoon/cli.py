@@ -120,9 +120,11 @@ def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vballoon.demo import run_demo
+    from vballoon.demo import run_demo, run_vm_demo
 
-    return run_demo(size=args.size)
+    if args.in_process:
+        return run_demo(size=args.size or 512 << 20)
+    return run_vm_demo(mem_mib=(args.size or 1 << 30) >> 20)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,10 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="balloon, report and range-report a memfd guest in-process; show memory returned",
+        parents=[common],
+        help="boot a Linux guest under QEMU with vballoon and show memory coming back",
+        description="Boot a Linux guest under QEMU with vballoon attached over vhost-user "
+        "(provisioning QEMU 11.1 and a 6.12 guest kernel first if needed: root and a Debian "
+        "mirror), balloon it, check its data, deflate, and show free page reporting, each "
+        "step measured on the host. --in-process runs a simulated driver instead, no VM.",
     )
     demo.add_argument(
-        "--size", type=parse_size, default=512 << 20, help="guest memory size (default 512M)"
+        "--size",
+        type=parse_size,
+        default=None,
+        help="guest memory (default 1G; 512M with --in-process)",
+    )
+    demo.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no VM: a simulated Linux driver on rings in a memfd",
     )
     demo.set_defaults(func=_cmd_demo)
     return parser

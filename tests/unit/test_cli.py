@@ -58,7 +58,7 @@ def test_bench_discard_json_interface(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_demo_passes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+    assert main(["demo", "--in-process"]) == 0
     assert "demo passed" in capsys.readouterr().out
 
 
