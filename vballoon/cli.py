@@ -119,6 +119,23 @@ def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_vm(args: argparse.Namespace) -> int:
+    from vballoon.bench_vm import format_vm_table, run_vm_bench
+    from vballoon.testenv import ProvisionError, ensure_testenv
+    from vballoon.vm import VMError
+
+    try:
+        env = ensure_testenv()
+        result = run_vm_bench(
+            env, runs=args.runs, mem_mib=args.mem >> 20, target_mib=args.target >> 20
+        )
+    except (ProvisionError, VMError) as err:
+        print(f"vballoon bench vm: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else format_vm_table(result))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vballoon.demo import run_demo, run_vm_demo
 
@@ -253,6 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vu.add_argument("--repeat", type=int, default=5, help="runs, best of them (default 5)")
     vu.set_defaults(func=_cmd_bench_vhost_user)
+
+    vmb = bench_sub.add_parser(
+        "vm",
+        help="the same guest with vballoon and with QEMU's own balloon (ratios vballoon/QEMU)",
+        description="Boot the same Linux guest with vballoon and with QEMU's built-in balloon, "
+        "alternating, and compare medians: inflate_time (target set to reached), "
+        "inflate_device_cpu (vballoon process vs QEMU's main thread), "
+        "report_512m_time_to_80pct (free page reporting of 512 MiB the guest freed), "
+        "memory_returned. Needs the VM test environment (provisioned if missing).",
+    )
+    vmb.add_argument("--json", action="store_true", help="print one JSON object")
+    vmb.add_argument("--runs", type=int, default=3, help="runs per balloon (default 3)")
+    vmb.add_argument("--mem", type=parse_size, default=2 << 30, help="guest memory (default 2G)")
+    vmb.add_argument(
+        "--target",
+        type=parse_size,
+        default=512 << 20,
+        help="inflate target guest size (default 512M)",
+    )
+    vmb.set_defaults(func=_cmd_bench_vm)
 
     demo = sub.add_parser(
         "demo",

@@ -1,0 +1,161 @@
+"""``vballoon bench vm``: the same guest with vballoon and with QEMU's own balloon.
+
+Each run boots a fresh guest, makes its free memory resident on the host,
+inflates to a target and then lets free page reporting return 512 MiB the
+guest touched and freed. Runs alternate between the two balloons; medians of
+each are compared as vballoon / QEMU.
+
+Device-side CPU: for vballoon, the ``vballoon serve`` process. QEMU's own
+balloon runs in QEMU's main thread (the vCPUs are other threads under TCG), so
+for QEMU the main thread's CPU time is taken (``/proc/<pid>/task/<pid>/stat``);
+it includes a little unrelated main-loop work, which favours neither side
+much. QEMU's whole-process CPU is reported beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from vballoon.testenv import TestEnv
+from vballoon.vm import VM, VMOptions, cpu_seconds, wait_for
+
+MiB = 1 << 20
+
+
+@dataclass
+class RunResult:
+    """One guest, one balloon."""
+
+    inflate_time: float
+    device_cpu: float
+    qemu_cpu: float
+    memory_returned: int
+    report_time_to_80pct: float
+    report_returned: int
+
+
+def _main_thread_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(env: TestEnv, balloon: str, mem_mib: int, target_mib: int) -> RunResult:
+    """Boot, make memory resident, inflate, then measure free page reporting."""
+    opts = (
+        VMOptions(balloon="vballoon", mem_mib=mem_mib)
+        if balloon == "vballoon"
+        else VMOptions(balloon="qemu", mem_mib=mem_mib, builtin_props={"free-page-reporting": "on"})
+    )
+    with VM(env, opts) as vm:
+        assert vm.qemu is not None
+        free = vm.meminfo()["MemFree"] // MiB
+        vm.run(f"memhog touch {free - 128}", timeout=600)
+        # Let reporting of that free settle, then re-touch so everything is resident.
+        time.sleep(3)
+        vm.run(f"memhog touch {vm.meminfo()['MemFree'] // MiB - 128}", timeout=600)
+        resident = vm.host_ram_bytes()
+
+        def device_cpu() -> float:
+            if balloon == "vballoon":
+                return vm.vballoon_cpu()
+            return _main_thread_cpu(vm.qemu.pid)  # type: ignore[union-attr]
+
+        cpu0, qcpu0 = device_cpu(), cpu_seconds(vm.qemu.pid)
+        vm.balloon(target_mib * MiB)
+        took = vm.wait_actual(target_mib * MiB, timeout=600)
+        cpu1, qcpu1 = device_cpu(), cpu_seconds(vm.qemu.pid)
+        returned = resident - vm.host_ram_bytes()
+
+        # Free page reporting: back to full size, touch and free 512 MiB, time to 80% back.
+        vm.balloon(mem_mib * MiB)
+        vm.wait_actual(mem_mib * MiB, timeout=600)
+        vm.run("memhog touch 512", timeout=600)
+        t0 = time.monotonic()
+        peak = vm.host_ram_bytes()
+        wait_for(
+            lambda: peak - vm.host_ram_bytes() >= 0.8 * 512 * MiB, 60, "80% of 512 MiB back", 0.05
+        )
+        t80 = time.monotonic() - t0
+        time.sleep(2)
+        report_returned = peak - vm.host_ram_bytes()
+    return RunResult(took, cpu1 - cpu0, qcpu1 - qcpu0, returned, t80, report_returned)
+
+
+def run_vm_bench(
+    env: TestEnv, runs: int = 3, mem_mib: int = 2048, target_mib: int = 512
+) -> dict[str, object]:
+    """Alternate ``runs`` runs per balloon; medians and ratios vballoon / QEMU."""
+    results: dict[str, list[RunResult]] = {"vballoon": [], "qemu": []}
+    for _ in range(runs):
+        for balloon in ("vballoon", "qemu"):
+            results[balloon].append(one_run(env, balloon, mem_mib, target_mib))
+
+    def med(balloon: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in results[balloon])
+
+    out: dict[str, object] = {}
+    for key, attr in (
+        ("inflate_time", "inflate_time"),
+        ("inflate_device_cpu", "device_cpu"),
+        ("report_512m_time_to_80pct", "report_time_to_80pct"),
+        ("memory_returned", "memory_returned"),
+    ):
+        v, q = med("vballoon", attr), med("qemu", attr)
+        out[key] = round(v / q, 3) if q else None
+    out["medians"] = {
+        b: {attr: round(med(b, attr), 4) for attr in RunResult.__dataclass_fields__}
+        for b in results
+    }
+    out["goals"] = {
+        "inflate_time": "<= 1.0",
+        "report_512m_time_to_80pct": "<= 1.0",
+        "memory_returned": ">= 1.0",
+        "inflate_device_cpu": "reported",
+    }
+    out["guest"] = {
+        "mem_mib": mem_mib,
+        "target_mib": target_mib,
+        "runs": runs,
+        "accel": env.accel,
+        "qemu": env.qemu_version,
+        "kernel": env.kernel_version,
+    }
+    out["device_cpu_note"] = (
+        "vballoon: the vballoon serve process; QEMU: its main thread, "
+        "where the built-in balloon runs (qemu_cpu: whole QEMU process)"
+    )
+    return out
+
+
+def format_vm_table(result: dict[str, object]) -> str:
+    med = result["medians"]
+    assert isinstance(med, dict)
+    g = result["guest"]
+    assert isinstance(g, dict)
+    lines = [
+        f"vballoon bench vm: {g['mem_mib']} MiB guest, target {g['target_mib']} MiB, "
+        f"{g['runs']} runs each, medians ({g['accel']}, QEMU {g['qemu']})",
+        f"{'key':28} {'vballoon':>10} {'qemu':>10} {'ratio':>7}  goal",
+    ]
+    rows = (
+        ("inflate_time", "inflate_time", "s"),
+        ("inflate_device_cpu", "device_cpu", "s"),
+        ("report_512m_time_to_80pct", "report_time_to_80pct", "s"),
+        ("memory_returned", "memory_returned", "MiB"),
+    )
+    goals = result["goals"]
+    assert isinstance(goals, dict)
+    for key, attr, unit in rows:
+        v, q = med["vballoon"][attr], med["qemu"][attr]
+        if unit == "MiB":
+            v, q = v / MiB, q / MiB
+        lines.append(f"{key:28} {v:10.3f} {q:10.3f} {result[key]!s:>7}  {goals[key]} ({unit})")
+    lines.append(
+        f"QEMU whole-process CPU during inflate: vballoon run "
+        f"{med['vballoon']['qemu_cpu']:.2f} s, QEMU-balloon run {med['qemu']['qemu_cpu']:.2f} s"
+    )
+    return "\n".join(lines)
