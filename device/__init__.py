@@ -15,6 +15,7 @@ from device.errors import (
     DiscardError,
     GuestError,
     RingError,
+    RingUnmapped,
 )
 from device.handlers import FreePageHints, GuestStats, HintState
 from device.layout import QueueLayout, queue_layout
@@ -44,6 +45,7 @@ __all__ = [
     "QueueLayout",
     "RegionSpec",
     "RingError",
+    "RingUnmapped",
     "SplitQueue",
     "StatTag",
     "Status",

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from device.defs import FRAME_SIZE, Feature, Queue, Status
 from device.discard import DiscardEngine
-from device.errors import ChainError, ConfigError, GuestError, RingError
+from device.errors import ChainError, ConfigError, GuestError, RingError, RingUnmapped
 from device.handlers import (
     DeflateHandler,
     FreePageHintHandler,
@@ -65,6 +65,8 @@ class BalloonConfig:
     stats_interval: float = 5.0
     #: chains handled per kick before yielding back to the event loop
     kick_budget: int = 1024
+    #: discard syscalls per kick before yielding (a chain in progress always finishes)
+    kick_syscall_budget: int = 4096
 
     def offered_features(self) -> int:
         """The feature bits this configuration offers."""
@@ -199,9 +201,13 @@ class BalloonDevice:
                 q.undo_pop()  # it was the last chain taken: the next start sees it again
             elif self.memory is not None:
                 # Chains were taken after it (a skipped bad chain): it cannot be un-taken,
-                # so return it now; the driver answers with fresh stats.
-                q.push(self.memory, head, 0)
-                q.publish(self.memory)
+                # so return it now, with its interrupt; the driver answers with fresh stats.
+                try:
+                    q.push(self.memory, head, 0)
+                    if q.publish(self.memory):
+                        self._interrupt(index)
+                except RingError as err:
+                    log.warning("queue %d: held stats buffer not returned: %s", index, err)
         return q.next_avail
 
     def driver_ok(self) -> None:
@@ -259,7 +265,10 @@ class BalloonDevice:
             )
             if self.on_actual_change is not None:
                 self.on_actual_change(actual)
-        if offset + len(data) > 12 and self.has(Feature.PAGE_POISON) and poison != self.poison_val:
+        # Linux writes poison_val in probe, before FEATURES_OK reaches a vhost-user backend:
+        # keep it whenever PAGE_POISON is offered; whether it binds is decided per report.
+        offered = self.offered_features & Feature.PAGE_POISON
+        if offset + len(data) > 12 and offered and poison != self.poison_val:
             self.poison_val = poison
             log.info("guest poison value %#x", poison)
 
@@ -295,11 +304,17 @@ class BalloonDevice:
         q = self.queues.get(index) if index is not None else None
         if q is None or self.memory is None or index in self.broken:
             return False
-        head = self._stats.take_held()
+        head = self._stats.held
         if head is None:
             return False
-        q.push(self.memory, head, 0)
-        if q.publish(self.memory):
+        try:
+            q.push(self.memory, head, 0)
+            publish = q.publish(self.memory)
+        except RingError as err:  # ring not mapped right now: keep holding it
+            log.debug("stats request deferred: %s", err)
+            return False
+        self._stats.take_held()
+        if publish:
             self._interrupt(index)
         return True
 
@@ -338,6 +353,11 @@ class BalloonDevice:
         self.metrics.interrupts += 1
         self.interrupts.queue(index)
 
+    def break_queue(self, index: int, reason: str) -> None:
+        """The driver set up queue ``index`` in a way that cannot work (e.g. misaligned
+        rings): stop it and ask for a reset, as for a corrupt ring."""
+        self._break(index, RingError(reason))
+
     def _break(self, index: int, err: RingError) -> None:
         log.error("queue %d is broken, stopping it until reset: %s", index, err)
         self.broken.add(index)
@@ -361,6 +381,9 @@ class BalloonDevice:
         self.metrics.kicks += 1
         handler = self._handlers[role]
         budget = self.config.kick_budget
+        # Chains are not equal: one PFN buffer can mean thousands of syscalls. Yield to
+        # the event loop after this much kernel work too.
+        syscalls_end = self.metrics.discard_syscalls + self.config.kick_syscall_budget
         more = False
         try:
             while budget > 0:
@@ -393,14 +416,24 @@ class BalloonDevice:
                 elif role is Queue.STATS:
                     self._stats_held_at = (q.next_avail - 1) & 0xFFFF
                 budget -= 1
+                if self.metrics.discard_syscalls >= syscalls_end:
+                    budget = 0
             else:
                 more = q.pending(mem) > 0
             if q.publish(mem):
                 self._interrupt(index)
+        except RingUnmapped as err:
+            # The frontend is between two memory-table updates: not the guest's fault.
+            # The transport notifies the queue again once the table is complete.
+            log.debug("queue %d: %s; waiting for the memory table", index, err)
+            return False
         except RingError as err:
             # Publish what was completed so no finished buffer is lost.
-            if q.publish(mem):
-                self._interrupt(index)
+            try:
+                if q.publish(mem):
+                    self._interrupt(index)
+            except RingError:
+                pass
             self._break(index, err)
             return False
         return more

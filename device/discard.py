@@ -32,6 +32,15 @@ _COUNTER_FIELDS = (
 )
 
 
+def _words(size: int) -> int:
+    """64-bit words of a bitmap with one bit per frame of ``size`` bytes."""
+    return (size // FRAME_SIZE + 63) // 64
+
+
+def _popcount(bm: object, size: int) -> int:
+    return int.from_bytes(ffi.buffer(bm, 8 * _words(size)), "little").bit_count()
+
+
 class DiscardEngine:
     """Owns the accelerator's region table, the ballooned-frame bitmaps and scratch.
 
@@ -54,7 +63,12 @@ class DiscardEngine:
     # -- memory map ---------------------------------------------------------
 
     def set_memory(self, mem: GuestMemory | None) -> None:
-        """Use ``mem`` from now on; keep the balloon bitmaps of regions that stay."""
+        """Use ``mem`` from now on.
+
+        Balloon bitmaps of regions that stay (same gpa and size) are kept; with no
+        memory at all (the frontend went away) every bitmap is kept for the next
+        table. Regions that disappear take their ballooned frames with them.
+        """
         regions = list(mem) if mem is not None else []
         keep: dict[tuple[int, int], object] = {}
         arr = ffi.new("struct balloon_accel_region[]", max(len(regions), 1))
@@ -62,16 +76,25 @@ class DiscardEngine:
             key = (r.gpa, r.size)
             bm = self._bitmaps.get(key)
             if bm is None:
-                bm = ffi.new("uint64_t[]", (r.size // FRAME_SIZE + 63) // 64)
+                bm = ffi.new("uint64_t[]", _words(r.size))
             keep[key] = bm
             c = arr[i]
             c.gpa, c.size, c.hva = r.gpa, r.size, r.hva
             c.fd_offset, c.page_size, c.fd = r.fd_offset, r.page_size, r.fd
             c.mode = r.mode.value
             c.ballooned = bm
-        dropped = set(self._bitmaps) - set(keep)
-        if dropped:
-            log.info("memory map changed: forgetting balloon state of %d region(s)", len(dropped))
+        if mem is None:
+            keep = self._bitmaps
+        else:
+            for key in set(self._bitmaps) - set(keep):
+                gone = _popcount(self._bitmaps[key], key[1])
+                self.ballooned_frames -= gone
+                log.info(
+                    "memory map changed: region [%#x+%#x) left with %d ballooned frames",
+                    key[0],
+                    key[1],
+                    gone,
+                )
         self._bitmaps = keep
         self._regions_c = arr
         self._map.regions = arr
@@ -80,7 +103,7 @@ class DiscardEngine:
     def forget_balloon(self) -> None:
         """The guest was reset: every frame is the guest's again; never re-discard them."""
         for (_, size), bm in self._bitmaps.items():
-            nbytes = 8 * ((size // FRAME_SIZE + 63) // 64)
+            nbytes = 8 * _words(size)
             ffi.memmove(bm, bytes(nbytes), nbytes)
         self.ballooned_frames = 0
 

@@ -6,6 +6,7 @@
      +-- GuestError         the driver broke a rule; counted, the chain skipped
      |    +-- ChainError    one descriptor chain is malformed (its head is known)
      |    +-- RingError     the ring itself is corrupt: the queue stops (broken)
+     |         +-- RingUnmapped  the ring is not in the memory map right now (transient)
      +-- ConfigError        the host side asked for something impossible
      +-- DiscardError       the kernel refused to give memory back
 
@@ -35,6 +36,11 @@ class ChainError(GuestError):
 
 class RingError(GuestError):
     """The ring is corrupt (bad avail index, head out of range): stop the queue."""
+
+
+class RingUnmapped(RingError):
+    """The ring lies outside the current memory map: the frontend may be between two
+    memory-table updates, so this is not held against the guest."""
 
 
 class ConfigError(BalloonError):

@@ -117,6 +117,7 @@ def _make_region(spec: RegionSpec) -> MemoryRegion:
     cbuf = ffi.from_buffer(view, require_writable=True)
     if spec.readonly or unaligned:
         mode = DiscardMode.NONE
+        page_size = FRAME_SIZE  # never discarded: no huge-page completion to track
     elif not spec.shared:
         mode = DiscardMode.DONTNEED
     elif spec.fd >= 0:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from device._accel import lib
 from device.defs import AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, DescFlag
-from device.errors import ChainError, ConfigError, GuestError, RingError
+from device.errors import ChainError, ConfigError, GuestError, RingError, RingUnmapped
 from device.memory import GuestMemory
 
 _DESC = struct.Struct("<QIHH")
@@ -125,7 +125,7 @@ class SplitQueue:
             ar, aoff = mem.translate(self.avail_gpa, 6 + 2 * self.size)
             ur, uoff = mem.translate(self.used_gpa, 6 + 8 * self.size)
         except GuestError as err:
-            raise RingError(f"ring outside guest RAM: {err}") from err
+            raise RingUnmapped(f"ring outside guest RAM: {err}") from err
         self._desc = dr.view[doff : doff + _DESC_SIZE * self.size]
         self._avail = ar.view[aoff : aoff + 6 + 2 * self.size]
         self._used = ur.view[uoff : uoff + 6 + 8 * self.size]

@@ -97,6 +97,8 @@ class VMOptions:
     append: str = ""
     num_vqs: int = 6
     boot_timeout: float = 120.0
+    #: boot this initramfs instead of the test environment's (e.g. one with extra modules)
+    initramfs: str | None = None
 
 
 class VM:
@@ -147,7 +149,7 @@ class VM:
             "CPUS": str(o.cpus),
             "MEM_MIB": str(o.mem_mib),
             "KERNEL": str(self.env.kernel),
-            "INITRD": str(self.env.initramfs),
+            "INITRD": str(o.initramfs or self.env.initramfs),
             "APPEND": self._append(),
             "CONSOLE_LOG": str(self.console_log),
             "AGENT_SOCK": self.agent_sock,

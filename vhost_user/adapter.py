@@ -211,6 +211,8 @@ class BalloonVhostUserBackend(VhostUserBackend):
             self.device.driver_ok()
             self._schedule_timer()
         elif not status & Status.DRIVER_OK:
+            if was_ok:
+                self._device_stopped()
             self.device.status = status
             return
         self.device.status = status | (self.device.status & Status.DEVICE_NEEDS_RESET)
@@ -234,6 +236,10 @@ class BalloonVhostUserBackend(VhostUserBackend):
         for r in old_regions:
             if r not in regions:
                 r.close()
+        # A kick that arrived while a ring was outside the map was consumed without work.
+        for i, v in enumerate(self.vrings):
+            if v.started:
+                self.loop.call_soon(self._notify, i)
         log.info(
             "guest memory: %s",
             ", ".join(f"[{r.msg.gpa:#x}+{r.msg.size >> 20} MiB]" for r in regions),
@@ -304,13 +310,30 @@ class BalloonVhostUserBackend(VhostUserBackend):
 
     def get_vring_base(self, index: int) -> int:
         v = self._vring(index)
+        was_running = any(r.started for r in self.vrings)
         if v.started:
             self._stop(index)
         if v.kick is not None:
             self.loop.remove_reader(v.kick)
             _close_fd(v.kick)
             v.kick = None
+        if was_running and not any(r.started for r in self.vrings):
+            self._device_stopped()
         return v.base
+
+    def _device_stopped(self) -> None:
+        """The frontend stopped every ring: a guest reset, a VM pause or a shutdown.
+
+        Under vhost-user these look the same, and after a reset every ballooned page
+        belongs to the guest again: a partly ballooned huge page completed later would
+        punch live data. So the device forgets its ballooned frames (safe in every
+        case; after a mere pause only the accounting restarts from zero).
+        """
+        log.info(
+            "frontend stopped the device; forgetting %d ballooned frames",
+            self.device.engine.ballooned_frames,
+        )
+        self.device.engine.forget_balloon()
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         v = self._vring(index)
@@ -364,7 +387,14 @@ class BalloonVhostUserBackend(VhostUserBackend):
             q.resume_used_from_ring(self.memory)
             self.device.set_queue(index, q)
         except BalloonError as err:
-            raise ProtocolError(f"vring {index}: {err}") from err
+            # The guest chose these ring addresses: its fault, not the frontend's. Closing
+            # the connection mid-start would make QEMU abort; stop just this queue instead.
+            log.error("vring %d cannot start: %s", index, err)
+            self.device.break_queue(index, str(err))
+            if v.err is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_write(v.err, 1)
+            return
         v.started = True
         v.err_signalled = False
         # QEMU starts a vhost-user backend only once the driver set DRIVER_OK, and the

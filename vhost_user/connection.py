@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 
 from vhost_user.errors import DisconnectedError, ProtocolError
 from vhost_user.messages import HEADER_SIZE, MAX_FDS, Header
@@ -38,9 +39,15 @@ class Connection:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def _recv_exact(self, n: int) -> bytes:
+    def _recv_exact(self, n: int, deadline: float) -> bytes:
+        """``n`` bytes, all of them before ``deadline`` (a frontend trickling bytes
+        must not hold the event loop: the timeout covers the message, not each recv)."""
         chunks = []
         while n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError("message body did not arrive in time")
+            self.sock.settimeout(left)
             try:
                 data = self.sock.recv(n)
             except InterruptedError:  # pragma: no cover - PEP 475 retries already
@@ -68,23 +75,17 @@ class Connection:
         if not data:
             _close_fds(fds)
             raise DisconnectedError("peer closed the connection")
+        deadline = time.monotonic() + BODY_TIMEOUT
         try:
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError(f"more than {MAX_FDS} file descriptors in one message")
-            if len(data) < HEADER_SIZE:
-                self.sock.settimeout(BODY_TIMEOUT)
-                try:
-                    data += self._recv_exact(HEADER_SIZE - len(data))
-                finally:
-                    self.sock.settimeout(None)
-            header = Header.unpack(data)
-            body = b""
-            if header.size:
-                self.sock.settimeout(BODY_TIMEOUT)
-                try:
-                    body = self._recv_exact(header.size)
-                finally:
-                    self.sock.settimeout(None)
+            try:
+                if len(data) < HEADER_SIZE:
+                    data += self._recv_exact(HEADER_SIZE - len(data), deadline)
+                header = Header.unpack(data)
+                body = self._recv_exact(header.size, deadline) if header.size else b""
+            finally:
+                self.sock.settimeout(None)
         except BaseException:
             _close_fds(fds)
             raise

@@ -139,8 +139,8 @@ ARMS: dict[FrontendReq, Arm] = {
         owner=True,
     ),
     _R.REM_MEM_REG: Arm(
-        lambda b, body, f: b.rem_mem_reg(SingleRegion.unpack(body).region),
-        fds=lambda body: 0,
+        lambda b, body, f: (_close(f), b.rem_mem_reg(SingleRegion.unpack(body).region))[1],
+        fds=lambda body: -1,  # 0 or 1: some frontends pass the region's fd; we close it
         gate=_PF.CONFIGURE_MEM_SLOTS,
         owner=True,
     ),
@@ -248,6 +248,8 @@ class Dispatcher:
         if arm.owner and not self.owner:
             raise ProtocolError(f"{req.name} before SET_OWNER")
         want = arm.fds(body) if callable(arm.fds) else arm.fds
+        if want == -1 and len(fds) <= 1:
+            return req
         if len(fds) != want:
             raise ProtocolError(f"{req.name} with {len(fds)} fds, expected {want}")
         return req

@@ -280,6 +280,8 @@ static void inflate_piece(const struct balloon_accel_region *r, uint64_t off,
 	uint64_t pf = page_frames(r), hp, first, last, run = 0, run_start = 0;
 
 	c->frames_changed += bitmap_set(r->ballooned, off, n);
+	if (r->mode == BALLOON_ACCEL_MODE_NONE)
+		return;
 	if (pf == 1) {
 		discard(r, off, n, c);
 		return;

@@ -198,3 +198,93 @@ def test_status_reaches_the_device(backend: BackendThread, sock_path: str) -> No
     assert backend.call(lambda: backend.device.status) & 4
     g.close()
     ram.close()
+
+
+def test_stopping_every_ring_forgets_the_balloon(guest: Guest, backend: BackendThread) -> None:
+    """Guest reset and VM pause look alike: a stale partial huge page must never complete."""
+    guest.inflate(Queue.INFLATE, list(range(100, 356)))
+    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 256
+    for index in range(len(guest.layout)):
+        guest.fe.get_vring_base(index)
+    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 0
+    assert not backend.call(lambda: backend.device.engine.is_ballooned(100 * FRAME_SIZE))
+
+
+def test_misaligned_rings_break_the_queue_not_the_connection(
+    backend: BackendThread, sock_path: str
+) -> None:
+    from tests.protocol.vhost_rig import UADDR_BASE
+
+    ram = GuestRam(16 * MiB)
+    g = Guest(sock_path, ram)
+    g.start()
+    idx = g.index(Queue.DEFLATE)
+    g.fe.get_vring_base(idx)
+    ring = g.rings[Queue.DEFLATE]
+    g.fe.set_vring_addr(
+        idx, UADDR_BASE + ring.desc + 8, UADDR_BASE + ring.avail, UADDR_BASE + ring.used
+    )
+    kick = os.eventfd(1, os.EFD_NONBLOCK)
+    g.fe.set_vring_kick(idx, kick)  # the guest's misaligned table: that queue breaks
+    assert idx in backend.call(lambda: set(backend.device.broken))
+    assert backend.call(lambda: backend.device.status) & 64  # DEVICE_NEEDS_RESET
+    g.inflate(Queue.INFLATE, [7])  # the connection and the other queues still work
+    os.close(kick)
+    g.close()
+    ram.close()
+
+
+def test_memory_table_gap_keeps_the_kick(guest: Guest, backend: BackendThread) -> None:
+    """REM_MEM_REG then ADD_MEM_REG while the rings run (QEMU's delta updates)."""
+    from tests.protocol.vhost_rig import UADDR_BASE
+    from vhost_user.frontend import FrontendRegion
+
+    region = FrontendRegion(guest.ram.gpa, guest.ram.size, UADDR_BASE + guest.ram.gpa, guest.ram.fd)
+    guest.fe.rem_mem_reg(region)
+    ring = guest.rings[Queue.INFLATE]
+    ring.add([ring.buffer(struct.pack("<I", 50))])
+    guest.notify(Queue.INFLATE)  # lands while the ring is outside the map
+    assert not guest.wait_call(Queue.INFLATE, timeout=0.3)
+    guest.fe.add_mem_reg(region)
+    assert guest.wait_call(Queue.INFLATE), "the buffer was lost in the gap"
+    assert ring.get_used() and not backend.call(lambda: backend.device.broken)
+
+
+def test_rem_mem_reg_may_carry_an_fd(guest: Guest, backend: BackendThread) -> None:
+    from tests.protocol.vhost_rig import UADDR_BASE
+    from vhost_user.messages import FrontendReq, MemRegion, SingleRegion
+
+    extra = GuestRam(4 * MiB, gpa=1 << 32)
+    from vhost_user.frontend import FrontendRegion
+
+    region = FrontendRegion(extra.gpa, extra.size, UADDR_BASE + extra.gpa, extra.fd)
+    guest.fe.add_mem_reg(region)
+    body = SingleRegion(MemRegion(extra.gpa, extra.size, UADDR_BASE + extra.gpa, 0)).pack()
+    guest.fe.request(FrontendReq.REM_MEM_REG, body, [extra.fd])
+    guest.inflate(Queue.INFLATE, [9])  # still connected
+    extra.close()
+
+
+def test_trickled_message_times_out_as_a_whole(
+    backend: BackendThread, sock_path: str, monkeypatch
+) -> None:
+    import time
+
+    from vhost_user import connection
+
+    monkeypatch.setattr(connection, "BODY_TIMEOUT", 0.5)
+    from vhost_user.frontend import VhostUserFrontend
+
+    fe = VhostUserFrontend(sock_path)
+    fe.conn.sock.sendall(struct.pack("<III", 2, 1, 8))  # SET_FEATURES, 8-byte body...
+    t0 = time.monotonic()
+    try:
+        for _ in range(8):  # ...one byte every 0.2 s: 1.6 s in all
+            fe.conn.sock.send(b"\0")
+            time.sleep(0.2)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    fe.conn.sock.settimeout(3)
+    assert fe.conn.sock.recv(1) == b""
+    assert time.monotonic() - t0 < 1.5
+    fe.close()

@@ -191,9 +191,37 @@ def test_reporting_with_nonzero_poison_discards_nothing(prig: Rig) -> None:
     assert before - prig.ram.allocated() == 4 * MiB
 
 
-def test_poison_ignored_without_feature(ram: GuestRam) -> None:
+def test_poison_binds_only_when_negotiated(ram: GuestRam) -> None:
+    ram.fill_pattern()
     rig = Rig(ram, features=Feature.VERSION_1 | Feature.REPORTING)
+    _write_poison(rig, 0xAAAAAAAA)  # offered, not negotiated: kept, but does not bind
+    before = rig.ram.allocated()
+    rig.post("reporting", [], [(4 * MiB, 2 * MiB)])
+    assert before - rig.ram.allocated() == 2 * MiB
+    rig.close()
+
+
+def test_poison_written_before_features_is_honoured(ram: GuestRam) -> None:
+    """Linux writes poison_val in probe, before a vhost-user backend sees FEATURES_OK."""
+    ram.fill_pattern()
+    rig = Rig(ram, features=Feature.VERSION_1)
     _write_poison(rig, 0xAAAAAAAA)
+    rig.dev.set_features(rig.dev.offered_features)
+    assert rig.dev.read_config(12, 4) == struct.pack("<I", 0xAAAAAAAA)
+    rig.close()
+    rig = Rig(ram)
+    _write_poison(rig, 0xAAAAAAAA)
+    before = rig.ram.allocated()
+    rig.post("reporting", [], [(4 * MiB, 2 * MiB)])
+    assert rig.ram.allocated() == before and rig.dev.metrics.poison_skipped == 1
+    rig.close()
+
+
+def test_poison_ignored_when_not_offered(ram: GuestRam) -> None:
+    rig = Rig(ram, config=BalloonConfig(stats_interval=0, page_poison=False))
+    assert rig.dev.config_size == 12  # no poison_val field at all
+    with pytest.raises(ConfigError):
+        _write_poison(rig, 0xAAAAAAAA)
     assert rig.dev.poison_val == 0
     rig.close()
 
@@ -317,3 +345,36 @@ def test_report_on_hugetlbfs_discards_only_whole_pages(ram: GuestRam, hugepages:
     assert huge.frame_intact(huge.gpa // FRAME_SIZE + 1536)
     rig.close()
     huge.close()
+
+
+def test_syscall_budget_yields_between_chains(ram: GuestRam) -> None:
+    rig = Rig(ram, config=BalloonConfig(stats_interval=0, kick_syscall_budget=1000))
+    ring = rig.rings["inflate"]
+    for k in range(3):  # 3 chains of 1500 isolated frames: 1500 punches each
+        pfns = list(range(2 * 1500 * k, 2 * 1500 * (k + 1), 2))
+        ring.add([ring.buffer(struct.pack(f"<{len(pfns)}I", *pfns))])
+    assert rig.kick("inflate") is True  # one chain finished, then it yields
+    assert len(ring.get_used()) == 1 and rig.dev.metrics.discard_syscalls == 1500
+    while rig.kick("inflate"):
+        pass
+    assert len(ring.get_used()) == 2 and rig.dev.metrics.discard_syscalls == 4500
+    rig.close()
+
+
+def test_engine_keeps_bitmaps_without_memory_and_drops_vanished_regions(ram: GuestRam) -> None:
+    rig = Rig(ram)
+    rig.pfns("inflate", list(range(100, 200)))
+    eng = rig.dev.engine
+    eng.set_memory(None)  # the frontend went away
+    assert eng.ballooned_frames == 100
+    eng.set_memory(rig.mem)  # the same table comes back
+    assert eng.ballooned_frames == 100 and eng.is_ballooned(150 * FRAME_SIZE)
+    other = GuestRam(8 * MiB, gpa=1 << 32)
+    from device import GuestMemory
+
+    mem2 = GuestMemory([other.spec()])
+    eng.set_memory(mem2)  # the region is gone: its frames leave the count
+    assert eng.ballooned_frames == 0
+    mem2.close()
+    other.close()
+    rig.close()
