@@ -9,10 +9,14 @@ path imports this module.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import mmap
+import os
 import struct
 
 from device.defs import FRAME_SIZE
-from device.memory import GuestMemory
+from device.memory import GuestMemory, RegionSpec
 from device.virtqueue import SplitQueue
 
 DESC = struct.Struct("<QIHH")
@@ -158,3 +162,47 @@ class NullInterrupts:
 
     def config(self) -> None:
         pass
+
+
+#: Where MemfdGuest puts its ring region: far above any data region.
+RING_GPA = 1 << 40
+
+
+class MemfdGuest:
+    """Guest RAM on a memfd at gpa 0 plus a separate ring region, shared as QEMU shares them.
+
+    The ring region holds rings and buffers, so everything in the data region
+    is the guest's memory proper: what is discarded and measured.
+
+    :param size: bytes of guest RAM
+    :param ring_size: bytes of the ring region (at :data:`RING_GPA`)
+    """
+
+    def __init__(self, size: int, ring_size: int = 16 * MiB, name: str = "vballoon") -> None:
+        self.size = size
+        self.fd = os.memfd_create(f"{name}-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.data = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+        self.ring_fd = os.memfd_create(f"{name}-rings", os.MFD_CLOEXEC)
+        os.ftruncate(self.ring_fd, ring_size)
+        self.ring_map = mmap.mmap(self.ring_fd, ring_size, mmap.MAP_SHARED)
+        self.mem = GuestMemory(
+            [
+                RegionSpec(0, size, self.data, self.fd, 0, True),
+                RegionSpec(RING_GPA, ring_size, self.ring_map, self.ring_fd, 0, True),
+            ]
+        )
+
+    def allocated(self) -> int:
+        """Bytes of guest RAM the memfd really holds."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        """Release everything (views held elsewhere keep a mapping until collected)."""
+        self.mem.close()
+        gc.collect()  # ring views held by queue objects pin the mappings
+        for m in (self.data, self.ring_map):
+            with contextlib.suppress(BufferError):
+                m.close()
+        os.close(self.fd)
+        os.close(self.ring_fd)

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from device import BalloonConfig, BalloonDevice, Feature, GuestMemory, Queue, RegionSpec
 from device._accel import ffi, lib
 from device.defs import FRAME_SIZE, LINUX_PFNS_PER_BUFFER
-from device.testing import DriverRing, NullInterrupts
+from device.testing import RING_GPA, DriverRing, MemfdGuest, NullInterrupts
 
 MiB = 1 << 20
 GiB = 1 << 30
 #: Linux's PAGE_REPORTING_CAPACITY: entries in one free-page report.
 REPORT_CAPACITY = 32
-RING_GPA = 1 << 40
 
 
 class BenchError(RuntimeError):
@@ -60,18 +59,9 @@ class DiscardBench:
     def __init__(self, size: int) -> None:
         self.size = size
         self.frames = size // FRAME_SIZE
-        self.fd = os.memfd_create("vballoon-bench", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.data = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
-        self.ring_fd = os.memfd_create("vballoon-bench-rings", os.MFD_CLOEXEC)
-        os.ftruncate(self.ring_fd, 16 * MiB)
-        self.ring_map = mmap.mmap(self.ring_fd, 16 * MiB, mmap.MAP_SHARED)
-        self.mem = GuestMemory(
-            [
-                RegionSpec(0, size, self.data, self.fd, 0, True),
-                RegionSpec(RING_GPA, 16 * MiB, self.ring_map, self.ring_fd, 0, True),
-            ]
-        )
+        self.guest = MemfdGuest(size, name="vballoon-bench")
+        self.fd = self.guest.fd
+        self.mem = self.guest.mem
         self.dev = BalloonDevice(BalloonConfig(stats_interval=0), NullInterrupts())
         self.dev.set_memory(self.mem)
         self.dev.set_features(Feature.VERSION_1 | Feature.REPORTING)
@@ -83,17 +73,11 @@ class DiscardBench:
         self.dev.set_queue(self.report_idx, self.report.device_queue())
 
     def close(self) -> None:
-        self.mem.close()
         del self.dev, self.inflate, self.report
-        gc.collect()  # ring views held by queue objects pin the mappings
-        with contextlib.suppress(BufferError):
-            self.data.close()
-            self.ring_map.close()
-        os.close(self.fd)
-        os.close(self.ring_fd)
+        self.guest.close()
 
     def allocated(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+        return self.guest.allocated()
 
     def touch(self) -> None:
         """Allocate every page of guest RAM again, as a running guest's memory is.

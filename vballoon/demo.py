@@ -9,41 +9,27 @@ guest did not give away kept its contents.
 
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 import time
 
-from device import BalloonConfig, BalloonDevice, GuestMemory, Queue, RegionSpec
+from device import BalloonConfig, BalloonDevice, Queue
 from device.defs import FRAME_SIZE, LINUX_PFNS_PER_BUFFER
-from device.testing import DriverRing, RecordingInterrupts
+from device.testing import RING_GPA, DriverRing, MemfdGuest, RecordingInterrupts
 
 MiB = 1 << 20
-RING_GPA = 1 << 40
 
 
 def _pattern(frame: int) -> bytes:
     return struct.pack("<Q", frame * 0x9E3779B97F4A7C15 % (1 << 64)) * (FRAME_SIZE // 8)
 
 
-class _Guest:
+class _Guest(MemfdGuest):
     def __init__(self, size: int) -> None:
-        self.size = size
-        self.fd = os.memfd_create("vballoon-demo-guest", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.ram = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
-        self.ring_fd = os.memfd_create("vballoon-demo-rings", os.MFD_CLOEXEC)
-        os.ftruncate(self.ring_fd, 16 * MiB)
-        self.rings = mmap.mmap(self.ring_fd, 16 * MiB, mmap.MAP_SHARED)
-        self.mem = GuestMemory(
-            [
-                RegionSpec(0, size, self.ram, self.fd, 0, True),
-                RegionSpec(RING_GPA, 16 * MiB, self.rings, self.ring_fd, 0, True),
-            ]
-        )
+        super().__init__(size, name="vballoon-demo")
+        self.ram = self.data
 
     def resident_mib(self) -> float:
-        return os.fstat(self.fd).st_blocks * 512 / MiB
+        return self.allocated() / MiB
 
     def write_pattern(self) -> None:
         for f in range(self.size // FRAME_SIZE):
