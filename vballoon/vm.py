@@ -252,13 +252,16 @@ class VM:
             with contextlib.suppress(Exception):
                 mon.close()
         self.qmp = self.ctl = None
-        for proc, sig in ((self.qemu, signal.SIGTERM), (self.backend, signal.SIGTERM)):
+        # QEMU was asked to quit and gets time for it; vballoon is told at once (SIGTERM
+        # is its normal shutdown, and it would wait forever for a next frontend).
+        for proc, grace in ((self.qemu, 5.0), (self.backend, 0.0)):
             if proc is None or proc.poll() is not None:
                 continue
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            if grace:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=grace)
             if proc.poll() is None:
-                proc.send_signal(sig)
+                proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
