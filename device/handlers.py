@@ -271,6 +271,7 @@ class ReportingHandler:
     def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int | None:
         self.metrics.reports += 1
         self.metrics.reported_bytes += chain.writable_len
+        self.metrics.report_entries += len(chain.writable)
         if self.poison_forbids_discard():
             self.metrics.poison_skipped += 1
             return 0

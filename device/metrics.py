@@ -40,6 +40,8 @@ class BalloonMetrics:
     """Free-page reports (standard reporting queue) processed."""
     reported_bytes: int = 0
     """Bytes named by free-page reports."""
+    report_entries: int = 0
+    """Entries (descriptors, 16 bytes of ring each) in free-page reports."""
     range_reports: int = 0
     """Range reports (experimental queue) processed."""
     range_report_errors: int = 0

@@ -35,6 +35,14 @@
  *       "filled N MiB" after every chunk (flushed, so the progress survives an
  *       OOM kill), then "fill done N MiB reason=enomem|reserve", free, exit 0.
  *
+ *   memhog frag MIB
+ *       Fragment free memory: allocate MIB MiB in 4 KiB pages (no huge pages),
+ *       write them, then give back every other page and hold the rest in the
+ *       background. Half of MIB becomes free memory in single 4 KiB pages whose
+ *       neighbours are in use, so the buddy allocator cannot merge them.
+ *       Prints "fragmented MIB MiB: holding H pages, freed F pages pid=PID";
+ *       `kill PID` releases the rest.
+ *
  * The checksum is FNV-1a over the 64-bit words, printed as 16 hex digits.
  */
 #define _GNU_SOURCE
@@ -66,7 +74,8 @@ static void usage(void)
 		"usage: memhog touch MIB\n"
 		"       memhog hold MIB SOCK [SEED]\n"
 		"       memhog ask SOCK sum|release\n"
-		"       memhog fill [STEP_MIB [RESERVE_MIB]]\n");
+		"       memhog fill [STEP_MIB [RESERVE_MIB]]\n"
+		"       memhog frag MIB\n");
 	exit(2);
 }
 
@@ -354,6 +363,50 @@ static int cmd_fill(unsigned long step, unsigned long reserve)
 	return 0;
 }
 
+static int cmd_frag(unsigned long mib)
+{
+	size_t bytes = mib * MIB, pages = bytes / PAGE, i;
+	char *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	int ready[2];
+	pid_t pid;
+	char c;
+
+	if (mem == MAP_FAILED)
+		die("mmap");
+	/* 4 KiB pages only: a huge page would not free a 4 KiB hole at once. */
+	madvise(mem, bytes, MADV_NOHUGEPAGE);
+	for (i = 0; i < pages; i++)
+		mem[i * PAGE] = (char)i;
+	/* DONTNEED frees the page; munmap would split the mapping per hole. */
+	for (i = 1; i < pages; i += 2)
+		if (madvise(mem + i * PAGE, PAGE, MADV_DONTNEED))
+			die("madvise");
+	if (pipe(ready) < 0)
+		die("pipe");
+	pid = fork();
+	if (pid < 0)
+		die("fork");
+	if (pid > 0) {
+		close(ready[1]);
+		if (read(ready[0], &c, 1) != 1)
+			return 2;
+		printf("fragmented %lu MiB: holding %zu pages, freed %zu pages pid=%d\n",
+		       mib, (pages + 1) / 2, pages / 2, (int)pid);
+		return 0;
+	}
+	close(ready[0]);
+	setsid();
+	signal(SIGHUP, SIG_IGN);
+	if (!freopen("/dev/null", "r", stdin) || !freopen("/dev/null", "w", stdout) ||
+	    !freopen("/dev/null", "w", stderr))
+		exit(2);
+	if (write(ready[1], "1", 1) != 1)
+		exit(2);
+	close(ready[1]);
+	for (;;)
+		pause();
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2)
@@ -368,6 +421,8 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[1], "fill") && argc <= 4)
 		return cmd_fill(argc >= 3 ? parse_ulong(argv[2], "STEP_MIB") : 4,
 				argc >= 4 ? parse_ulong(argv[3], "RESERVE_MIB") : 8);
+	if (!strcmp(argv[1], "frag") && argc == 3)
+		return cmd_frag(parse_ulong(argv[2], "MIB"));
 	usage();
 	return 2;
 }
