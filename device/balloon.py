@@ -419,7 +419,9 @@ class BalloonDevice:
                 if self.metrics.discard_syscalls >= syscalls_end:
                     budget = 0
             else:
-                more = q.pending(mem) > 0
+                # Out of budget: still ask for the next kick (EVENT_IDX), or a driver that
+                # adds its next buffer later would not notify and the queue would stall.
+                more = q.enable_notification(mem)
             if q.publish(mem):
                 self._interrupt(index)
         except RingUnmapped as err:

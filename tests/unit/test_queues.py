@@ -378,3 +378,18 @@ def test_engine_keeps_bitmaps_without_memory_and_drops_vanished_regions(ram: Gue
     mem2.close()
     other.close()
     rig.close()
+
+
+def test_out_of_budget_still_asks_for_the_next_kick(ram: GuestRam) -> None:
+    """With EVENT_IDX the driver kicks only if avail_event asks for it: a kick that ends on
+    the budget must publish avail_event too, or the next buffer is never announced."""
+    rig = Rig(ram, config=BalloonConfig(stats_interval=0, kick_syscall_budget=10))
+    idx = rig.index("inflate")
+    q = ring_q = rig.dev.queues[idx]
+    ring_q.event_idx = True
+    ring = rig.rings["inflate"]
+    pfns = list(range(0, 40, 2))  # 20 isolated frames: 20 syscalls, over the budget
+    ring.add([ring.buffer(struct.pack("<20I", *pfns))])
+    assert rig.kick("inflate") is False  # done, nothing pending
+    assert ring.avail_event() == q.next_avail == 1
+    rig.close()
