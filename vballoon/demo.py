@@ -39,6 +39,21 @@ class _Guest(MemfdGuest):
         return all(self.ram[f * FRAME_SIZE : (f + 1) * FRAME_SIZE] == _pattern(f) for f in frames)
 
 
+class Checklist:
+    """Prints each checked step; ``finish`` prints the verdict and gives the exit code."""
+
+    def __init__(self) -> None:
+        self.ok = True
+
+    def __call__(self, title: str, cond: bool) -> None:
+        self.ok &= cond
+        print(f"  [{'ok' if cond else 'FAILED'}] {title}")
+
+    def finish(self) -> int:
+        print("demo " + ("passed" if self.ok else "FAILED"))
+        return 0 if self.ok else 1
+
+
 def _report_header(encoding: int, nr: int, order: int = 0, base: int = 0) -> bytes:
     return struct.pack("<HHIIIQ", 1, encoding, nr, order, 0, base)
 
@@ -58,12 +73,7 @@ def run_demo(size: int = 512 * MiB) -> int:
         rings[q] = DriverRing(g.mem, 64, RING_GPA + i * 2 * MiB, data_size=MiB)
         dev.set_queue(i, rings[q].device_queue())
     frames = size // FRAME_SIZE
-    ok = True
-
-    def step(title: str, cond: bool) -> None:
-        nonlocal ok
-        ok &= cond
-        print(f"  [{'ok' if cond else 'FAILED'}] {title}")
+    step = Checklist()
 
     print(
         f"vballoon demo: {size // MiB} MiB guest on a memfd, simulated Linux driver, "
@@ -149,8 +159,7 @@ def run_demo(size: int = 512 * MiB) -> int:
         f"{m.discard_errors} errors, {m.interrupts} interrupts"
     )
     print(f"host now holds {g.resident_mib():.0f} of {size // MiB} MiB")
-    print("demo " + ("passed" if ok else "FAILED"))
-    return 0 if ok else 1
+    return step.finish()
 
 
 def run_vm_demo(mem_mib: int = 1024) -> int:
@@ -169,12 +178,7 @@ def run_vm_demo(mem_mib: int = 1024) -> int:
         print(f"vballoon demo: cannot provision QEMU and a guest kernel: {err}")
         print("  (vballoon demo --in-process runs the device without a VM)")
         return 1
-    ok = True
-
-    def step(title: str, cond: bool) -> None:
-        nonlocal ok
-        ok &= cond
-        print(f"  [{'ok' if cond else 'FAILED'}] {title}")
+    step = Checklist()
 
     print(
         f"vballoon demo: Linux {env.kernel_version} guest, {mem_mib} MiB, QEMU "
@@ -235,5 +239,4 @@ def run_vm_demo(mem_mib: int = 1024) -> int:
     except VMError as err:
         print(f"vballoon demo: {err}")
         return 1
-    print("demo " + ("passed" if ok else "FAILED"))
-    return 0 if ok else 1
+    return step.finish()

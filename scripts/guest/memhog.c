@@ -232,16 +232,50 @@ static void serve(int lfd, uint64_t *mem, unsigned long mib, uint64_t seed)
 	}
 }
 
+/*
+ * Fork a daemon. The parent returns the child's pid once the child has left
+ * the session and closed stdio (so the agent's command can end), or -1; the
+ * child returns 0.
+ */
+static pid_t detach(void)
+{
+	int ready[2];
+	pid_t pid;
+	char c;
+
+	if (pipe(ready) < 0)
+		die("pipe");
+	pid = fork();
+	if (pid < 0)
+		die("fork");
+	if (pid > 0) {
+		close(ready[1]);
+		if (read(ready[0], &c, 1) != 1)
+			return -1;
+		close(ready[0]);
+		return pid;
+	}
+	close(ready[0]);
+	setsid();
+	signal(SIGHUP, SIG_IGN);
+	signal(SIGPIPE, SIG_IGN);
+	if (!freopen("/dev/null", "r", stdin) || !freopen("/dev/null", "w", stdout) ||
+	    !freopen("/dev/null", "w", stderr))
+		exit(2);
+	if (write(ready[1], "1", 1) != 1)
+		exit(2);
+	close(ready[1]);
+	return 0;
+}
+
 static int cmd_hold(unsigned long mib, const char *path, uint64_t seed)
 {
 	size_t words = mib * MIB / sizeof(uint64_t);
 	struct sockaddr_un sa;
 	unsigned long bad;
 	uint64_t h, *mem;
-	int lfd, ready[2];
+	int lfd;
 	pid_t pid;
-	char buf[128];
-	ssize_t n;
 
 	mem = map_bytes(mib * MIB);
 	if (!mem)
@@ -258,35 +292,16 @@ static int cmd_hold(unsigned long mib, const char *path, uint64_t seed)
 		die("bind");
 	if (listen(lfd, 8) < 0)
 		die("listen");
-	if (pipe(ready) < 0)
-		die("pipe");
-
 	/* The pages are private anonymous memory: they stay with the child. */
-	pid = fork();
-	if (pid < 0)
-		die("fork");
+	pid = detach();
+	if (pid < 0) {
+		fprintf(stderr, "memhog: daemon did not start\n");
+		return 2;
+	}
 	if (pid > 0) {
-		/* Parent: wait until the child is detached, then report. */
-		close(ready[1]);
-		n = read(ready[0], buf, sizeof(buf) - 1);
-		if (n <= 0) {
-			fprintf(stderr, "memhog: daemon did not start\n");
-			return 2;
-		}
 		printf("held %lu MiB sum=%016llx pid=%d\n", mib, (unsigned long long)h, (int)pid);
 		return 0;
 	}
-	close(ready[0]);
-	setsid();
-	signal(SIGHUP, SIG_IGN);
-	signal(SIGPIPE, SIG_IGN);
-	if (!freopen("/dev/null", "r", stdin) || !freopen("/dev/null", "w", stdout) ||
-	    !freopen("/dev/null", "w", stderr))
-		exit(2);
-	/* Parent's memory copy is irrelevant: the parent exits right away. */
-	if (write(ready[1], "1", 1) != 1)
-		exit(2);
-	close(ready[1]);
 	serve(lfd, mem, mib, seed);
 	return 0;
 }
@@ -367,9 +382,7 @@ static int cmd_frag(unsigned long mib)
 {
 	size_t bytes = mib * MIB, pages = bytes / PAGE, i;
 	char *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	int ready[2];
 	pid_t pid;
-	char c;
 
 	if (mem == MAP_FAILED)
 		die("mmap");
@@ -381,28 +394,14 @@ static int cmd_frag(unsigned long mib)
 	for (i = 1; i < pages; i += 2)
 		if (madvise(mem + i * PAGE, PAGE, MADV_DONTNEED))
 			die("madvise");
-	if (pipe(ready) < 0)
-		die("pipe");
-	pid = fork();
+	pid = detach();
 	if (pid < 0)
-		die("fork");
+		return 2;
 	if (pid > 0) {
-		close(ready[1]);
-		if (read(ready[0], &c, 1) != 1)
-			return 2;
 		printf("fragmented %lu MiB: holding %zu pages, freed %zu pages pid=%d\n",
 		       mib, (pages + 1) / 2, pages / 2, (int)pid);
 		return 0;
 	}
-	close(ready[0]);
-	setsid();
-	signal(SIGHUP, SIG_IGN);
-	if (!freopen("/dev/null", "r", stdin) || !freopen("/dev/null", "w", stdout) ||
-	    !freopen("/dev/null", "w", stderr))
-		exit(2);
-	if (write(ready[1], "1", 1) != 1)
-		exit(2);
-	close(ready[1]);
 	for (;;)
 		pause();
 }
