@@ -144,6 +144,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_vm_demo(mem_mib=(args.size or 1 << 30) >> 20)
 
 
+def _memory_bench_args(
+    p: argparse.ArgumentParser, size_help: str, repeat: int, repeat_help: str
+) -> None:
+    """--json, --size and --repeat, shared by the in-process benchmarks."""
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--size", type=parse_size, default=1 << 30, help=f"{size_help} (default 1G)")
+    p.add_argument("--repeat", type=int, default=repeat, help=f"{repeat_help} (default {repeat})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vballoon",
@@ -243,14 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "punch-hole calls on the same ranges in the same process. Prints ratios "
         "(reference time / device time: above 1 the device is faster).",
     )
-    disc.add_argument("--json", action="store_true", help="print one JSON object")
-    disc.add_argument(
-        "--size",
-        type=parse_size,
-        default=1 << 30,
-        help="guest memory to discard per run (default 1G)",
-    )
-    disc.add_argument("--repeat", type=int, default=3, help="runs per scenario, median (default 3)")
+    _memory_bench_args(disc, "guest memory to discard per run", 3, "runs per scenario, median")
     disc.set_defaults(func=_cmd_bench_discard)
 
     vu = bench_sub.add_parser(
@@ -261,14 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eventfds; compare with the same inflate in-process. Prints vhost_user_vs_inprocess "
         "(in-process time / vhost-user time).",
     )
-    vu.add_argument("--json", action="store_true", help="print one JSON object")
-    vu.add_argument(
-        "--size",
-        type=parse_size,
-        default=1 << 30,
-        help="guest memory to inflate per run (default 1G)",
-    )
-    vu.add_argument("--repeat", type=int, default=5, help="runs, best of them (default 5)")
+    _memory_bench_args(vu, "guest memory to inflate per run", 5, "runs, best of them")
     vu.set_defaults(func=_cmd_bench_vhost_user)
 
     vmb = bench_sub.add_parser(

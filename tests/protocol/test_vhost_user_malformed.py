@@ -92,42 +92,24 @@ CASES: dict[str, Callable[[VhostUserFrontend], None]] = {
 }
 
 
-def _ring_outside_memory(fe: VhostUserFrontend) -> None:
+def _start_ring_at(fe: VhostUserFrontend, ring_uaddr: int, memory: bool) -> None:
+    """Negotiate, optionally send 4 MiB of memory, then start ring 0 at ``ring_uaddr``."""
     fe.handshake()
     fe.set_features(fe.get_features())
-    fe.set_mem_table([FrontendRegion(0, 4 * MiB, UADDR_BASE, _memfd())])
+    if memory:
+        fe.set_mem_table([FrontendRegion(0, 4 * MiB, UADDR_BASE, _memfd())])
     fe.set_vring_num(0, 64)
-    fe.send(
-        R.SET_VRING_ADDR,
-        VringAddr(
-            0, 0, UADDR_BASE + 8 * MiB, UADDR_BASE + 8 * MiB + 4096, UADDR_BASE + 8 * MiB + 2048, 0
-        ).pack(),
-    )
+    addr = VringAddr(0, 0, ring_uaddr, ring_uaddr + 4096, ring_uaddr + 2048, 0)
+    fe.send(R.SET_VRING_ADDR, addr.pack())
     kick = os.eventfd(1)
     fe.send(R.SET_VRING_KICK, struct.pack("<Q", 0), [kick])
     os.close(kick)
     fe.send(R.SET_VRING_ENABLE, VringState(0, 1).pack())
 
 
-CASES["ring addresses outside memory"] = _ring_outside_memory
-
-
-def _no_memory(fe: VhostUserFrontend) -> None:
-    """A frontend that starts a ring without ever sending a memory table."""
-    fe.handshake()
-    fe.set_features(fe.get_features())
-    fe.set_vring_num(0, 64)
-    fe.send(
-        R.SET_VRING_ADDR,
-        VringAddr(0, 0, UADDR_BASE, UADDR_BASE + 4096, UADDR_BASE + 2048, 0).pack(),
-    )
-    kick = os.eventfd(1)
-    fe.send(R.SET_VRING_KICK, struct.pack("<Q", 0), [kick])
-    os.close(kick)
-    fe.send(R.SET_VRING_ENABLE, VringState(0, 1).pack())
-
-
-CASES["ring started without any memory"] = _no_memory
+CASES["ring addresses outside memory"] = lambda fe: _start_ring_at(fe, UADDR_BASE + 8 * MiB, True)
+# A frontend that starts a ring without ever sending a memory table.
+CASES["ring started without any memory"] = lambda fe: _start_ring_at(fe, UADDR_BASE, False)
 
 
 def _closed(fe: VhostUserFrontend) -> bool:
