@@ -14,7 +14,6 @@ much. QEMU's whole-process CPU is reported beside it.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,12 +36,6 @@ class RunResult:
     report_returned: int
 
 
-def _main_thread_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/task/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def one_run(env: TestEnv, balloon: str, mem_mib: int, target_mib: int) -> RunResult:
     """Boot, make memory resident, inflate, then measure free page reporting."""
     opts = (
@@ -62,7 +55,7 @@ def one_run(env: TestEnv, balloon: str, mem_mib: int, target_mib: int) -> RunRes
         def device_cpu() -> float:
             if balloon == "vballoon":
                 return vm.vballoon_cpu()
-            return _main_thread_cpu(vm.qemu.pid)  # type: ignore[union-attr]
+            return cpu_seconds(vm.qemu.pid, thread=vm.qemu.pid)  # type: ignore[union-attr]
 
         cpu0, qcpu0 = device_cpu(), cpu_seconds(vm.qemu.pid)
         vm.balloon(target_mib * MiB)

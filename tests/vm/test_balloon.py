@@ -19,21 +19,13 @@ from pathlib import Path
 import pytest
 
 from device import queue_layout
-from vballoon.testenv import ProvisionError, TestEnv, ensure_testenv
+from vballoon.testenv import TestEnv
 from vballoon.vm import VM, VMOptions, wait_for
 
 pytestmark = pytest.mark.vm
 
 MiB = 1 << 20
 BALLOONS = ["vballoon", "qemu"]
-
-
-@pytest.fixture(scope="session")
-def env() -> TestEnv:
-    try:
-        return ensure_testenv()
-    except ProvisionError as err:
-        pytest.fail(f"test environment provisioning failed: {err}", pytrace=False)
 
 
 def options(balloon: str, *, reporting: bool = False, **kw: object) -> VMOptions:

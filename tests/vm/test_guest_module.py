@@ -28,7 +28,7 @@ from vballoon.guest_module import (
     build_module,
     initramfs_with_module,
 )
-from vballoon.testenv import ProvisionError, TestEnv, ensure_testenv
+from vballoon.testenv import TestEnv
 from vballoon.vm import VM, VMOptions, wait_for
 
 pytestmark = pytest.mark.vm
@@ -60,14 +60,6 @@ MALFORMED = {
 
 #: Kernel messages that mean the guest is not healthy.
 BAD_DMESG = re.compile(r"BUG:|WARNING:|Oops|Call Trace|general protection|page allocation failure")
-
-
-@pytest.fixture(scope="session")
-def env() -> TestEnv:
-    try:
-        return ensure_testenv()
-    except ProvisionError as err:
-        pytest.fail(f"test environment provisioning failed: {err}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,7 @@ from vballoon.guest_agent import GuestAgent, GuestAgentError, GuestTimeout
 from vballoon.testenv import (
     READY_MARKER,
     Guest,
-    ProvisionError,
     TestEnv,
-    ensure_testenv,
     launch_guest,
 )
 
@@ -32,14 +30,6 @@ pytestmark = pytest.mark.vm
 MiB = 1 << 20
 GUEST_MIB = 512
 BOOT_TIMEOUT = 180.0
-
-
-@pytest.fixture(scope="session")
-def vm_env() -> TestEnv:
-    try:
-        return ensure_testenv()
-    except ProvisionError as err:
-        pytest.fail(f"test environment provisioning failed: {err}", pytrace=False)
 
 
 class BalloonGuest:
@@ -66,9 +56,7 @@ class BalloonGuest:
 
 
 @pytest.fixture(scope="module")
-def balloon_guest(
-    vm_env: TestEnv, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[BalloonGuest]:
+def balloon_guest(env: TestEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BalloonGuest]:
     workdir = tmp_path_factory.mktemp("guest")
     qmp_sock = workdir / "qmp.sock"
     extra = [
@@ -76,7 +64,7 @@ def balloon_guest(
         "-qmp", f"unix:{qmp_sock},server=on,wait=off",
     ]  # fmt: skip
     with launch_guest(
-        vm_env, workdir, extra, memory_mib=GUEST_MIB, append="vballoon.load_balloon=1"
+        env, workdir, extra, memory_mib=GUEST_MIB, append="vballoon.load_balloon=1"
     ) as guest:
         assert guest.agent_sock is not None
         with GuestAgent(guest.agent_sock, console_log=guest.console_log) as agent:
@@ -90,14 +78,14 @@ def balloon_guest(
     assert guest.proc.poll() is not None, "QEMU still running after teardown"
 
 
-def test_provisioned_versions(vm_env: TestEnv) -> None:
-    assert tuple(int(x) for x in vm_env.qemu_version.split(".")[:2]) >= (10, 2)
-    assert vm_env.kernel_version.startswith("6.12.")
-    assert vm_env.kernel.is_file()
-    assert vm_env.initramfs is not None and vm_env.initramfs.is_file()
-    assert vm_env.host_path(vm_env.headers_dir).is_dir()
-    assert vm_env.accel in ("kvm", "tcg")
-    assert vm_env.root is not None
+def test_provisioned_versions(env: TestEnv) -> None:
+    assert tuple(int(x) for x in env.qemu_version.split(".")[:2]) >= (10, 2)
+    assert env.kernel_version.startswith("6.12.")
+    assert env.kernel.is_file()
+    assert env.initramfs is not None and env.initramfs.is_file()
+    assert env.host_path(env.headers_dir).is_dir()
+    assert env.accel in ("kvm", "tcg")
+    assert env.root is not None
 
 
 def test_ready_marker_and_driver_bound(balloon_guest: BalloonGuest) -> None:
