@@ -1,26 +1,29 @@
 """vballoon's transport-agnostic virtio balloon device.
 
-Public API: build a :class:`GuestMemory`, a :class:`BalloonDevice` with an
-:class:`Interrupts` implementation, hand it :class:`SplitQueue` states and
-call ``queue_notify`` on kicks. Importing fails with a build hint if the C
-accelerator is missing.
+Public API: build a :class:`GuestMemory`, a :class:`BalloonDevice`, attach an
+:class:`Interrupts` implementation, drive its lifecycle (``set_status``, or
+``negotiate``/``activate``/``stop``/``reset``), hand it :class:`SplitQueue`
+states and call ``queue_notify`` on kicks (or let a :class:`QueueRunner` do it
+on an asyncio loop). Read it through :meth:`BalloonDevice.snapshot`. Importing
+fails with a build hint if the C accelerator is missing.
 """
 
-from device.balloon import BalloonConfig, BalloonDevice, Interrupts
+from device.balloon import BalloonConfig, BalloonDevice, Interrupts, NullInterrupts
 from device.defs import Feature, Queue, StatTag, Status
 from device.errors import (
     BalloonError,
     ChainError,
     ConfigError,
-    DiscardError,
     GuestError,
     RingError,
     RingUnmapped,
 )
-from device.handlers import FreePageHints, GuestStats, HintState
+from device.handlers import FreePageHints, GuestStats, HintState, QueueHandler
 from device.layout import QueueLayout, queue_layout
 from device.memory import DiscardMode, GuestMemory, MemoryRegion, RegionSpec
 from device.metrics import BalloonMetrics
+from device.runner import QueueRunner
+from device.snapshot import DeviceSnapshot, HintSnapshot
 from device.virtqueue import DescriptorChain, SplitQueue
 
 __all__ = [
@@ -31,18 +34,22 @@ __all__ = [
     "ChainError",
     "ConfigError",
     "DescriptorChain",
-    "DiscardError",
+    "DeviceSnapshot",
     "DiscardMode",
     "Feature",
     "FreePageHints",
     "GuestError",
     "GuestMemory",
     "GuestStats",
+    "HintSnapshot",
     "HintState",
     "Interrupts",
     "MemoryRegion",
+    "NullInterrupts",
     "Queue",
+    "QueueHandler",
     "QueueLayout",
+    "QueueRunner",
     "RegionSpec",
     "RingError",
     "RingUnmapped",

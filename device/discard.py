@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from device._accel import ffi, lib
+from device._accel import CData, ffi, lib
 from device.defs import FRAME_SIZE, MAX_RANGE_REPORT_BYTES, PFN_BATCH
 from device.memory import GuestMemory
 from device.metrics import BalloonMetrics
@@ -37,7 +37,7 @@ def _words(size: int) -> int:
     return (size // FRAME_SIZE + 63) // 64
 
 
-def _popcount(bm: object, size: int) -> int:
+def _popcount(bm: CData, size: int) -> int:
     return int.from_bytes(ffi.buffer(bm, 8 * _words(size)), "little").bit_count()
 
 
@@ -49,8 +49,8 @@ class DiscardEngine:
 
     def __init__(self, metrics: BalloonMetrics) -> None:
         self.metrics = metrics
-        self._bitmaps: dict[tuple[int, int], object] = {}
-        self._regions_c: object = ffi.NULL
+        self._bitmaps: dict[tuple[int, int], CData] = {}
+        self._regions_c: CData = ffi.NULL
         self._map = ffi.new("struct balloon_accel_map *")
         self._scratch = ffi.new("uint32_t[]", PFN_BATCH)
         self._runs = ffi.new("struct balloon_accel_extent[]", PFN_BATCH)
@@ -70,7 +70,7 @@ class DiscardEngine:
         table. Regions that disappear take their ballooned frames with them.
         """
         regions = list(mem) if mem is not None else []
-        keep: dict[tuple[int, int], object] = {}
+        keep: dict[tuple[int, int], CData] = {}
         arr = ffi.new("struct balloon_accel_region[]", max(len(regions), 1))
         for i, r in enumerate(regions):
             key = (r.gpa, r.size)
@@ -109,7 +109,7 @@ class DiscardEngine:
 
     # -- operations -----------------------------------------------------------
 
-    def _absorb(self, c: object) -> None:
+    def _absorb(self, c: CData) -> None:
         m = self.metrics
         for cfield, mfield in _COUNTER_FIELDS:
             v = getattr(c, cfield)
@@ -120,7 +120,7 @@ class DiscardEngine:
                 log.warning("discard failed: errno %d", c.last_errno)
             self._last_errno = c.last_errno
 
-    def inflate(self, pfns: object, count: int) -> int:
+    def inflate(self, pfns: CData, count: int) -> int:
         """Balloon ``count`` little-endian PFNs at ``pfns`` (a ``uint8_t *``).
 
         :return: frames newly ballooned.
@@ -132,7 +132,7 @@ class DiscardEngine:
         self.metrics.inflated_frames += c.frames_changed
         return int(c.frames_changed)
 
-    def deflate(self, pfns: object, count: int) -> int:
+    def deflate(self, pfns: CData, count: int) -> int:
         """Take ``count`` PFNs out of the balloon; nothing is discarded.
 
         :return: frames that left the balloon.
@@ -192,7 +192,7 @@ class DiscardEngine:
         return False
 
     @staticmethod
-    def extent_array(extents: Sequence[tuple[int, int]]) -> tuple[object, int]:
+    def extent_array(extents: Sequence[tuple[int, int]]) -> tuple[CData, int]:
         """(first frame, frames) pairs as a C array for :meth:`raw_discard`."""
         arr = ffi.new("struct balloon_accel_extent[]", max(len(extents), 1))
         for i, (start, count) in enumerate(extents):
@@ -200,7 +200,7 @@ class DiscardEngine:
             arr[i].count = count
         return arr, len(extents)
 
-    def raw_discard(self, arr: object, n: int) -> int:
+    def raw_discard(self, arr: CData, n: int) -> int:
         """Reference path for benchmarks: one syscall per run of :meth:`extent_array`, as given.
 
         No decoding, sorting or bookkeeping: what a caller that already had the

@@ -8,7 +8,9 @@
      |    +-- RingError     the ring itself is corrupt: the queue stops (broken)
      |         +-- RingUnmapped  the ring is not in the memory map right now (transient)
      +-- ConfigError        the host side asked for something impossible
-     +-- DiscardError       the kernel refused to give memory back
+
+A discard the kernel refuses is not an exception: it is counted
+(``discard_errors``) and logged, and the buffer still goes back to the guest.
 
 A transport never lets a ``GuestError`` escape to its event loop: the device
 model turns them into counters, skipped chains or a broken queue.
@@ -45,11 +47,3 @@ class RingUnmapped(RingError):
 
 class ConfigError(BalloonError):
     """Invalid host-side configuration (memory map, queue setup, options)."""
-
-
-class DiscardError(BalloonError):
-    """A discard syscall failed; carries the errno in ``.errno``."""
-
-    def __init__(self, msg: str, errno: int) -> None:
-        super().__init__(msg)
-        self.errno = errno

@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
-from device._accel import ffi
+from device._accel import CData, ffi
 from device.defs import (
     CMD_ID_DONE,
     CMD_ID_MIN,
@@ -41,7 +42,22 @@ _RANGE_REPORT_E_COUNT = 3
 _RANGE_REPORT_E_CHAIN = 7
 
 
-def readable_bytes(mem: GuestMemory, chain: DescriptorChain, limit: int) -> tuple[object, int]:
+class QueueHandler(Protocol):
+    """What each queue does with one descriptor chain.
+
+    The chain's addresses were validated against ``mem`` by the ring walk; the
+    handler validates the *contents* (PFNs, records, stat tags) itself.
+    """
+
+    def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int | None:
+        """Process one chain; return the used length, or None to hold the buffer.
+
+        :raise GuestError: the contents break the spec (the chain is returned with
+            used length 0 and counted in ``bad_chains``).
+        """
+
+
+def readable_bytes(mem: GuestMemory, chain: DescriptorChain, limit: int) -> tuple[CData, int]:
     """The chain's device-readable bytes as (``uint8_t *``, length), at most ``limit``.
 
     A single buffer is used in place (no copy); several are joined. The
@@ -79,17 +95,17 @@ class _PfnArrayHandler:
         self._count()
         return 0
 
-    def _apply(self, ptr: object, count: int) -> None:
-        raise NotImplementedError
+    def _apply(self, ptr: CData, count: int) -> None:
+        raise NotImplementedError  # each subclass applies the frames its own way
 
     def _count(self) -> None:
-        raise NotImplementedError
+        raise NotImplementedError  # and counts its own buffers
 
 
 class InflateHandler(_PfnArrayHandler):
     """Inflate queue: the frames are ballooned and discarded before the buffer returns."""
 
-    def _apply(self, ptr: object, count: int) -> None:
+    def _apply(self, ptr: CData, count: int) -> None:
         self.engine.inflate(ptr, count)
 
     def _count(self) -> None:
@@ -99,7 +115,7 @@ class InflateHandler(_PfnArrayHandler):
 class DeflateHandler(_PfnArrayHandler):
     """Deflate queue: the frames leave the balloon; nothing is discarded."""
 
-    def _apply(self, ptr: object, count: int) -> None:
+    def _apply(self, ptr: CData, count: int) -> None:
         self.engine.deflate(ptr, count)
 
     def _count(self) -> None:

@@ -1,5 +1,7 @@
-"""Driver-side doubles shared by the tests and the benchmarks.
+"""Doubles shared by the tests, the benchmarks and the in-process demo.
 
+``GuestRam`` is guest RAM as QEMU gives it to a backend: a memfd mapped
+shared, with a known pattern per frame to prove what a discard left alone.
 ``DriverRing`` plays the part of Linux's virtio_ring: it lays out a
 descriptor table, avail ring and used ring in guest memory, posts chains the
 way the Linux balloon driver does and reads back used elements. Its ``raw_*``
@@ -10,10 +12,10 @@ path imports this module.
 from __future__ import annotations
 
 import contextlib
-import gc
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 
 from device.defs import FRAME_SIZE
 from device.memory import GuestMemory, RegionSpec
@@ -86,7 +88,7 @@ class DriverRing:
     def add(
         self,
         out: list[tuple[int, int]],
-        inn: list[tuple[int, int]] = (),  # type: ignore[assignment]
+        inn: Sequence[tuple[int, int]] = (),
         *,
         indirect: bool = False,
     ) -> int:
@@ -113,7 +115,7 @@ class DriverRing:
     # -- completions ----------------------------------------------------------
 
     def used_idx(self) -> int:
-        return U16.unpack(self.mem.read(self.used + 2, 2))[0]
+        return int(U16.unpack(self.mem.read(self.used + 2, 2))[0])
 
     def get_used(self) -> list[tuple[int, int]]:
         """New used elements (id, len) since the last call; their descriptors become free."""
@@ -137,7 +139,7 @@ class DriverRing:
         self.mem.write(self.avail, U16.pack(1 if on else 0))
 
     def avail_event(self) -> int:
-        return U16.unpack(self.mem.read(self.used + 4 + 8 * self.size, 2))[0]
+        return int(U16.unpack(self.mem.read(self.used + 4 + 8 * self.size, 2))[0])
 
 
 class RecordingInterrupts:
@@ -154,55 +156,72 @@ class RecordingInterrupts:
         self.configs += 1
 
 
-class NullInterrupts:
-    """``Interrupts`` that go nowhere (benchmarks poll the used ring instead)."""
-
-    def queue(self, index: int) -> None:
-        pass
-
-    def config(self) -> None:
-        pass
-
-
-#: Where MemfdGuest puts its ring region: far above any data region.
+#: Where a separate ring region goes in tests and benchmarks: far above any data region.
 RING_GPA = 1 << 40
 
 
-class MemfdGuest:
-    """Guest RAM on a memfd at gpa 0 plus a separate ring region, shared as QEMU shares them.
+def frame_pattern(frame: int) -> bytes:
+    """The known contents of guest frame ``frame`` (distinct per frame)."""
+    return struct.pack("<QQ", frame, frame ^ 0x5A5A5A5A5A5A5A5A) * (FRAME_SIZE // 16)
 
-    The ring region holds rings and buffers, so everything in the data region
-    is the guest's memory proper: what is discarded and measured.
 
-    :param size: bytes of guest RAM
-    :param ring_size: bytes of the ring region (at :data:`RING_GPA`)
+class GuestRam:
+    """One region of guest RAM on a memfd mapped shared, as QEMU's
+    ``memory-backend-memfd,share=on`` (or a hugetlbfs memfd) gives it to a backend.
+
+    :param size: bytes
+    :param gpa: guest physical address of its first byte
+    :param hugetlb: back it with 2 MiB huge pages (needs reserved huge pages)
+    :param name: the memfd's name (shows in /proc/<pid>/fd)
     """
 
-    def __init__(self, size: int, ring_size: int = 16 * MiB, name: str = "vballoon") -> None:
+    def __init__(
+        self, size: int, gpa: int = 0, hugetlb: bool = False, name: str = "vballoon-test-ram"
+    ) -> None:
         self.size = size
-        self.fd = os.memfd_create(f"{name}-ram", os.MFD_CLOEXEC)
+        self.gpa = gpa
+        self.hugetlb = hugetlb
+        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0)
+        self.fd = os.memfd_create(name, flags)
         os.ftruncate(self.fd, size)
-        self.data = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
-        self.ring_fd = os.memfd_create(f"{name}-rings", os.MFD_CLOEXEC)
-        os.ftruncate(self.ring_fd, ring_size)
-        self.ring_map = mmap.mmap(self.ring_fd, ring_size, mmap.MAP_SHARED)
-        self.mem = GuestMemory(
-            [
-                RegionSpec(0, size, self.data, self.fd, 0, True),
-                RegionSpec(RING_GPA, ring_size, self.ring_map, self.ring_fd, 0, True),
-            ]
-        )
+        self.mapping = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+
+    def spec(self) -> RegionSpec:
+        """The region as a transport describes it to the device."""
+        return RegionSpec(self.gpa, self.size, self.mapping, self.fd, 0, True)
+
+    def fill_pattern(self, first_frame: int = 0, frames: int | None = None) -> None:
+        """Touch every frame (so it is allocated) with its known pattern."""
+        n = self.size // FRAME_SIZE - first_frame if frames is None else frames
+        base = self.gpa // FRAME_SIZE
+        chunk = 256
+        for f0 in range(first_frame, first_frame + n, chunk):
+            k = min(chunk, first_frame + n - f0)
+            data = b"".join(frame_pattern(base + f) for f in range(f0, f0 + k))
+            self.mapping[f0 * FRAME_SIZE : (f0 + k) * FRAME_SIZE] = data
 
     def allocated(self) -> int:
-        """Bytes of guest RAM the memfd really holds."""
+        """Bytes the memfd really holds (what the host got back shows here)."""
         return os.fstat(self.fd).st_blocks * 512
 
+    def frame_intact(self, frame: int) -> bool:
+        """Whether guest frame ``frame`` (a global frame number) still has its pattern."""
+        off = (frame - self.gpa // FRAME_SIZE) * FRAME_SIZE
+        return self.mapping[off : off + FRAME_SIZE] == frame_pattern(frame)
+
+    def frame_zero(self, frame: int) -> bool:
+        """Whether guest frame ``frame`` reads as zeros (a discarded frame does)."""
+        off = (frame - self.gpa // FRAME_SIZE) * FRAME_SIZE
+        return self.mapping[off : off + FRAME_SIZE] == bytes(FRAME_SIZE)
+
     def close(self) -> None:
-        """Release everything (views held elsewhere keep a mapping until collected)."""
-        self.mem.close()
-        gc.collect()  # ring views held by queue objects pin the mappings
-        for m in (self.data, self.ring_map):
-            with contextlib.suppress(BufferError):
-                m.close()
+        """Unmap and close (a ``GuestMemory`` still exporting the mapping keeps it until
+        collected)."""
+        with contextlib.suppress(BufferError):
+            self.mapping.close()
         os.close(self.fd)
-        os.close(self.ring_fd)
+
+
+def guest_memory(*rams: GuestRam) -> GuestMemory:
+    """The device's view of these regions."""
+    return GuestMemory(r.spec() for r in rams)

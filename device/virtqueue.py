@@ -145,12 +145,12 @@ class SplitQueue:
     def avail_idx(self, mem: GuestMemory) -> int:
         """The driver's ``avail.idx``."""
         self._attach(mem)
-        return _U16.unpack_from(self._avail, 2)[0]
+        return int(_U16.unpack_from(self._avail, 2)[0])
 
     def used_idx(self, mem: GuestMemory) -> int:
         """The published ``used.idx``."""
         self._attach(mem)
-        return _U16.unpack_from(self._used, 2)[0]
+        return int(_U16.unpack_from(self._used, 2)[0])
 
     # -- consuming ----------------------------------------------------------
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vballoon.guest_module import ReportModule, build_module, initramfs_with_module
-from vballoon.testenv import ensure_testenv
-from vballoon.vm import VM, VMOptions
+from vm_harness.guest_module import ReportModule, build_module, initramfs_with_module
+from vm_harness.testenv import ensure_testenv
+from vm_harness.vm import VM, VMOptions
 
 MiB, GiB = 1 << 20, 1 << 30
 ENCODINGS = ("pfn_len", "pfn_order", "bitmap")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from device import BalloonConfig, BalloonDevice, Feature, GuestMemory, RegionSpec
-from device.layout import queue_layout
-from tests.driver import DriverRing, GuestRam, MiB, RecordingInterrupts
+from device import BalloonConfig, BalloonDevice, Feature, GuestMemory, RegionSpec, queue_layout
+from device.testing import DriverRing, GuestRam, MiB, RecordingInterrupts
+from tests.package_rig import Installed, build_and_install
 
 #: The last MiBs of guest RAM hold the rings and buffers; the rest is data.
 RING_AREA = 8 * MiB
@@ -40,21 +41,25 @@ class Rig:
         features: int | None = None,
         queue_size: int = 64,
         extra: tuple[RegionSpec, ...] = (),
+        activate: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ram = ram
         self.irq = RecordingInterrupts()
-        self.dev = BalloonDevice(config or BalloonConfig(stats_interval=0), self.irq)
+        self.dev = BalloonDevice(config or BalloonConfig(stats_interval=0), self.irq, clock)
         self.mem = GuestMemory([ram.spec(), *extra])
         self.dev.set_memory(self.mem)
         feats = self.dev.offered_features if features is None else features
-        self.dev.set_features(feats)
+        self.dev.negotiate(feats)
         self.rings: dict[str, DriverRing] = {}
         base = ram.gpa + ram.size - RING_AREA
         per = RING_AREA // 8
         for index, q in enumerate(queue_layout(feats).queues):
             ring = DriverRing(self.mem, queue_size, base + index * per, data_size=per // 2)
             self.rings[q.name.lower()] = ring
-            self.dev.set_queue(index, ring.device_queue())
+            self.dev.start_queue(index, ring.device_queue())
+        if activate:  # DRIVER_OK
+            self.dev.activate()
         self.data_frames = (ram.size - RING_AREA) // 4096
 
     def index(self, name: str) -> int:
@@ -92,6 +97,25 @@ def rig(ram: GuestRam) -> Iterator[Rig]:
     r.close()
 
 
+@pytest.fixture
+def prig(ram: GuestRam) -> Iterator[Rig]:
+    """A rig whose RAM holds its known pattern (so discards are visible)."""
+    ram.fill_pattern()
+    r = Rig(ram)
+    yield r
+    r.close()
+
+
+class ManualClock:
+    """A monotonic clock a test moves by hand (the device's ``clock``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 
@@ -112,3 +136,9 @@ def hugepages() -> Iterator[int]:
     yield 16
     with open(path, "w") as f:
         f.write(str(old))
+
+
+@pytest.fixture(scope="session")
+def installed() -> Iterator[Installed]:
+    """The wheel built from this checkout, installed in a fresh venv outside it."""
+    yield from build_and_install()

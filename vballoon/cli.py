@@ -15,22 +15,15 @@ import logging
 import sys
 
 from device.errors import BalloonError
+from vballoon.units import SizeError, parse_size
 
-SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
-
-def parse_size(text: str) -> int:
-    """``512M``, ``1G``, ``4096`` -> bytes (binary units; a trailing B/iB is allowed)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in SIZE_SUFFIXES else ""
-    number = t[: len(t) - len(unit)]
+def size_arg(text: str) -> int:
+    """argparse type for sizes (``512M``, ``1G``)."""
     try:
-        value = float(number) * SIZE_SUFFIXES[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 1G)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"size must not be negative: {text!r}")
-    return int(value)
+        return parse_size(text)
+    except SizeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _cmd_bench_discard(args: argparse.Namespace) -> int:
@@ -112,7 +105,9 @@ def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         s = result["seconds"]
+        m = result["machine"]
         print(f"vballoon bench vhost-user: {args.size >> 20} MiB inflated as 256-PFN buffers")
+        print(f"  measured on {m['cpu']}, {m['cores']} cores, Linux {m['kernel']} (no VM)")
         print(f"  vhost-user (socket, eventfds, rings, child): {s['vhost_user']:.3f} s")
         print(f"  in-process (same rings and device):         {s['inprocess']:.3f} s")
         print(f"  vhost_user_vs_inprocess = {result['vhost_user_vs_inprocess']:.2f} (goal >= 0.8)")
@@ -120,9 +115,9 @@ def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_vm(args: argparse.Namespace) -> int:
-    from vballoon.bench_vm import format_vm_table, run_vm_bench
-    from vballoon.testenv import ProvisionError, ensure_testenv
-    from vballoon.vm import VMError
+    from vm_harness.bench_vm import format_vm_table, run_vm_bench
+    from vm_harness.testenv import ProvisionError, ensure_testenv
+    from vm_harness.vm import VMError
 
     try:
         env = ensure_testenv()
@@ -137,10 +132,12 @@ def _cmd_bench_vm(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vballoon.demo import run_demo, run_vm_demo
-
     if args.in_process:
+        from vballoon.demo import run_demo
+
         return run_demo(size=args.size or 512 << 20)
+    from vm_harness.demo import run_vm_demo
+
     return run_vm_demo(mem_mib=(args.size or 1 << 30) >> 20)
 
 
@@ -149,7 +146,7 @@ def _memory_bench_args(
 ) -> None:
     """--json, --size and --repeat, shared by the in-process benchmarks."""
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--size", type=parse_size, default=1 << 30, help=f"{size_help} (default 1G)")
+    p.add_argument("--size", type=size_arg, default=1 << 30, help=f"{size_help} (default 1G)")
     p.add_argument("--repeat", type=int, default=repeat, help=f"{repeat_help} (default {repeat})")
 
 
@@ -277,10 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vmb.add_argument("--json", action="store_true", help="print one JSON object")
     vmb.add_argument("--runs", type=int, default=3, help="runs per balloon (default 3)")
-    vmb.add_argument("--mem", type=parse_size, default=2 << 30, help="guest memory (default 2G)")
+    vmb.add_argument("--mem", type=size_arg, default=2 << 30, help="guest memory (default 2G)")
     vmb.add_argument(
         "--target",
-        type=parse_size,
+        type=size_arg,
         default=512 << 20,
         help="inflate target guest size (default 512M)",
     )
@@ -297,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--size",
-        type=parse_size,
+        type=size_arg,
         default=None,
         help="guest memory (default 1G; 512M with --in-process)",
     )

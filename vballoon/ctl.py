@@ -10,7 +10,6 @@ stderr and a non-zero exit status: 1 when the socket or the command failed,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -21,6 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+from vballoon.units import SizeError, format_bytes, parse_size
 
 ACTIONS = ("target", "stats", "info")
 
@@ -118,15 +119,6 @@ async def get_info(path: str) -> dict[str, Any]:
 # -- output ---------------------------------------------------------------------
 
 
-def format_bytes(n: int) -> str:
-    """``536870912`` -> ``512 MiB`` (binary units, one decimal when not whole)."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if abs(n) >= 1 << shift:
-            text = f"{n / (1 << shift):.1f}".removesuffix(".0")
-            return f"{text} {unit}"
-    return f"{n} B"
-
-
 def _size_or_unknown(n: int | None) -> str:
     return "unknown (no memory table yet)" if n is None else format_bytes(n)
 
@@ -169,7 +161,11 @@ def format_info(info: Mapping[str, Any]) -> str:
         ("guest RAM", _size_or_unknown(info["ram-size"])),
         ("target", f"{_size_or_unknown(info['target'])} (num_pages {info['num-pages']})"),
         ("actual", f"{_size_or_unknown(info['actual'])} (actual {info['actual-pages']} pages)"),
-        ("ballooned", format_bytes(info["ballooned-bytes"])),
+        (
+            "ballooned",
+            f"{format_bytes(info['ballooned-bytes'])} (the guest's account; "
+            f"{format_bytes(info['tracked-bytes'])} recorded by the device since it started)",
+        ),
         ("poison value", f"{info['poison-val']:#x}"),
         (
             "free page hints",
@@ -201,11 +197,9 @@ def _quiet_qmp_logs() -> Iterator[None]:
 
 
 def _parse_size(text: str) -> int:
-    from vballoon.cli import parse_size  # imported late: cli will import this module
-
     try:
         return parse_size(text)
-    except argparse.ArgumentTypeError as err:
+    except SizeError as err:
         raise UsageError(str(err)) from err
 
 

@@ -14,9 +14,9 @@ import signal
 from dataclasses import dataclass, field
 
 from device import BalloonConfig, BalloonDevice
-from vballoon.control import ControlError, ControlServer
-from vhost_user import VhostUserDaemon, VhostUserError
-from vhost_user.adapter import DetachedInterrupts
+from vballoon.control import ControlServer, QmpServerError
+from vballoon.unix_socket import ClaimedSocket, SocketPathError
+from vhost_user import VhostUserDaemon
 
 log = logging.getLogger("vballoon")
 
@@ -42,19 +42,24 @@ async def serve(opts: ServeOptions) -> int:
     :raise StartupError: if a socket cannot be created.
     """
     loop = asyncio.get_running_loop()
-    device = BalloonDevice(opts.config, DetachedInterrupts())
-    daemon = VhostUserDaemon(
-        device, opts.socket, client=opts.client, busy_poll_us=opts.busy_poll_us
-    )
+    device = BalloonDevice(opts.config)
+    listener: ClaimedSocket | None = None
+    if opts.client:
+        daemon = VhostUserDaemon(device, connect_to=opts.socket, busy_poll_us=opts.busy_poll_us)
+    else:
+        try:
+            listener = ClaimedSocket(opts.socket, "vhost-user socket")
+        except SocketPathError as err:
+            raise StartupError(str(err)) from err
+        daemon = VhostUserDaemon(device, listener=listener.sock, busy_poll_us=opts.busy_poll_us)
     control = ControlServer(opts.control, device)
-    try:
-        daemon.start(loop)
-    except VhostUserError as err:
-        raise StartupError(str(err)) from err
+    daemon.start(loop)
     try:
         await control.start()
-    except ControlError as err:
+    except QmpServerError as err:
         daemon.close()
+        if listener is not None:
+            listener.release()
         raise StartupError(str(err)) from err
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -69,6 +74,8 @@ async def serve(opts: ServeOptions) -> int:
     await stop.wait()
     log.info("vballoon: signal received, shutting down")
     daemon.close()
+    if listener is not None:
+        listener.release()
     await control.close()
     m = device.metrics
     log.info(

@@ -24,10 +24,10 @@ import logging
 import mmap
 import os
 import socket
-import time
 from dataclasses import dataclass
 
-from device import BalloonDevice, BalloonError, GuestMemory, RegionSpec, SplitQueue, Status
+from device import BalloonDevice, BalloonError, GuestMemory, RegionSpec, SplitQueue
+from device.runner import QueueRunner
 from vhost_user.backend import VhostUserBackend
 from vhost_user.connection import Connection
 from vhost_user.errors import DisconnectedError, ProtocolError
@@ -75,7 +75,6 @@ class Vring:
     err: int | None = None
     enabled: bool = False
     started: bool = False
-    err_signalled: bool = False
 
 
 @dataclass
@@ -134,18 +133,24 @@ class _Interrupts:
         self.adapter.send_config_change()
 
 
-class DetachedInterrupts:
-    """Where interrupts go while no frontend is connected: nowhere."""
-
-    def queue(self, index: int) -> None:
-        pass
-
-    def config(self) -> None:
-        pass
-
-
 class BalloonVhostUserBackend(VhostUserBackend):
-    """vhost-user requests implemented on top of a :class:`BalloonDevice`.
+    """vhost-user requests mapped onto a :class:`BalloonDevice`.
+
+    What is vhost-user's own stays here: the memory table (frontend virtual
+    addresses to guest physical ones), the rings' fds and their
+    started/enabled states, the backend channel. Every virtio rule is the
+    device's; the mapping of vhost-user's lifecycle messages onto it is:
+
+    - SET_FEATURES: the driver's accepted features (the frontend already did
+      FEATURES_OK with the guest) -> :meth:`BalloonDevice.negotiate`;
+    - the first ring that starts -> :meth:`BalloonDevice.activate`: QEMU starts a
+      backend only after the driver set DRIVER_OK, and its test device never
+      sends SET_STATUS(DRIVER_OK), so a started ring is the wire's DRIVER_OK;
+    - SET_STATUS(0), RESET_OWNER, a disconnect -> :meth:`BalloonDevice.stop`:
+      QEMU sends the same status 0 for a VM pause and a guest reset, so the
+      device keeps the guest's balloon and forgets only what a reset must not keep;
+    - RESET_DEVICE -> :meth:`BalloonDevice.reset`;
+    - other SET_STATUS values -> :meth:`BalloonDevice.set_status`.
 
     :param device: the balloon; survives this connection
     :param loop: the event loop that watches kick fds and runs timers
@@ -157,26 +162,28 @@ class BalloonVhostUserBackend(VhostUserBackend):
     ) -> None:
         self.device = device
         self.loop = loop
-        self.busy_poll_ns = busy_poll_us * 1000
         self.vrings = [Vring() for _ in range(MAX_QUEUES)]
         self.regions: list[MappedRegion] = []
         self.memory: GuestMemory | None = None
         self.protocol_features = 0
         self.backend_channel: Connection | None = None
         self._config_pending = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._irq = _Interrupts(self)
-        device.interrupts = self._irq
+        self.runner = QueueRunner(
+            device, loop, busy_poll_us=busy_poll_us, on_broken=self._signal_err
+        )
+        device.attach(_Interrupts(self))
 
-    # -- features and ownership ----------------------------------------------
+    # -- features, ownership, status -------------------------------------------------
 
     def get_features(self) -> int:
         return self.device.offered_features | F_PROTOCOL_FEATURES
 
     def set_features(self, features: int) -> None:
-        virtio = features & ~F_PROTOCOL_FEATURES
+        if any(v.started for v in self.vrings):
+            # Only dirty logging may change features on running rings, and it is not offered.
+            raise ProtocolError("SET_FEATURES while rings run")
         try:
-            self.device.set_features(virtio)
+            self.device.negotiate(features & ~F_PROTOCOL_FEATURES)
         except BalloonError as err:
             raise ProtocolError(str(err)) from err
         if not features & F_PROTOCOL_FEATURES:
@@ -200,25 +207,21 @@ class BalloonVhostUserBackend(VhostUserBackend):
 
     def reset_owner(self) -> None:
         self._stop_all()
+        self.device.stop()
 
     def reset_device(self) -> None:
         self._stop_all()
         self.device.reset()
 
     def set_status(self, status: int) -> None:
-        was_ok = self.device.status & Status.DRIVER_OK
-        if status & Status.DRIVER_OK and not was_ok:
-            self.device.driver_ok()
-            self._schedule_timer()
-        elif not status & Status.DRIVER_OK:
-            if was_ok:
-                self._device_stopped()
-            self.device.status = status
-            return
-        self.device.status = status | (self.device.status & Status.DEVICE_NEEDS_RESET)
+        if status == 0:
+            self._stop_all()
+            self.device.stop()
+        else:
+            self.device.set_status(status)
 
     def get_status(self) -> int:
-        return int(self.device.status)
+        return self.device.read_status()
 
     # -- memory ---------------------------------------------------------------
 
@@ -237,9 +240,7 @@ class BalloonVhostUserBackend(VhostUserBackend):
             if r not in regions:
                 r.close()
         # A kick that arrived while a ring was outside the map was consumed without work.
-        for i, v in enumerate(self.vrings):
-            if v.started:
-                self.loop.call_soon(self._notify, i)
+        self.runner.notify_all()
         log.info(
             "guest memory: %s",
             ", ".join(f"[{r.msg.gpa:#x}+{r.msg.size >> 20} MiB]" for r in regions),
@@ -310,41 +311,18 @@ class BalloonVhostUserBackend(VhostUserBackend):
 
     def get_vring_base(self, index: int) -> int:
         v = self._vring(index)
-        was_running = any(r.started for r in self.vrings)
         if v.started:
             self._stop(index)
-        if v.kick is not None:
-            self.loop.remove_reader(v.kick)
-            _close_fd(v.kick)
-            v.kick = None
-        if was_running and not any(r.started for r in self.vrings):
-            self._device_stopped()
+        _close_fd(v.kick)
+        v.kick = None
         return v.base
-
-    def _device_stopped(self) -> None:
-        """The frontend stopped every ring: a guest reset, a VM pause or a shutdown.
-
-        Under vhost-user these look the same, and after a reset every ballooned page
-        belongs to the guest again: a partly ballooned huge page completed later would
-        punch live data. So the device forgets its ballooned frames (safe in every
-        case; after a mere pause only the accounting restarts from zero).
-        """
-        log.info(
-            "frontend stopped the device; forgetting %d ballooned frames",
-            self.device.engine.ballooned_frames,
-        )
-        self.device.engine.forget_balloon()
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         v = self._vring(index)
         if v.started:
             self._stop(index)
-        if v.kick is not None:
-            self.loop.remove_reader(v.kick)
-            _close_fd(v.kick)
+        _close_fd(v.kick)
         v.kick = fd
-        if fd is not None:
-            os.set_blocking(fd, False)
         self._maybe_start(index)
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
@@ -375,7 +353,10 @@ class BalloonVhostUserBackend(VhostUserBackend):
             return
         if self.memory is None:
             raise ProtocolError(f"vring {index} started before any memory table")
-        if self.device.layout.queue_at(index) is None:
+        if not self.device.negotiated:
+            raise ProtocolError(f"vring {index} started before SET_FEATURES")
+        role = self.device.layout.queue_at(index)
+        if role is None:
             log.debug("vring %d has no queue with the negotiated features; not started", index)
             return
         a = v.addr
@@ -385,36 +366,23 @@ class BalloonVhostUserBackend(VhostUserBackend):
         try:
             q = SplitQueue(v.num, desc, avail, used, next_avail=v.base)
             q.resume_used_from_ring(self.memory)
-            self.device.set_queue(index, q)
+            self.device.start_queue(index, q)
         except BalloonError as err:
             # The guest chose these ring addresses: its fault, not the frontend's. Closing
             # the connection mid-start would make QEMU abort; stop just this queue instead.
             log.error("vring %d cannot start: %s", index, err)
             self.device.break_queue(index, str(err))
-            if v.err is not None:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_write(v.err, 1)
+            self._signal_err(index)
             return
         v.started = True
-        v.err_signalled = False
-        # QEMU starts a vhost-user backend only once the driver set DRIVER_OK, and the
-        # test device sends SET_STATUS(FEATURES_OK) but never DRIVER_OK: a started ring
-        # is our evidence.
-        self.device.status |= Status.DRIVER_OK
-        self.loop.add_reader(v.kick, self._on_kick, index)
-        log.info(
-            "queue %d (%s) started: size %d, base %d",
-            index,
-            self.device.layout.queue_at(index).name.lower(),
-            v.num,
-            v.base,
-        )
-        self._notify(index)
+        self.device.activate()  # a started ring is vhost-user's DRIVER_OK (class doc)
+        self.runner.watch(index, v.kick)
+        log.info("queue %d (%s) started: size %d, base %d", index, role.name.lower(), v.num, v.base)
+        self.runner.notify(index)
 
     def _stop(self, index: int) -> None:
         v = self.vrings[index]
-        if v.kick is not None:
-            self.loop.remove_reader(v.kick)
+        self.runner.unwatch(index)
         nxt = self.device.stop_queue(index)
         if nxt is not None:
             v.base = nxt
@@ -425,60 +393,12 @@ class BalloonVhostUserBackend(VhostUserBackend):
             if v.started:
                 self._stop(i)
 
-    # -- data path ----------------------------------------------------------------
-
-    def _on_kick(self, index: int) -> None:
-        fd = self.vrings[index].kick
-        if fd is None:
-            return
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(fd)
-        self._notify(index)
-
-    def _notify(self, index: int) -> None:
-        v = self.vrings[index]
-        if not v.started:
-            return
-        q = self.device.queues.get(index)
-        seen = q.next_avail if q is not None else None
-        more = self.device.queue_notify(index)
-        if not more and self.busy_poll_ns and q is not None and q.next_avail != seen:
-            more = self._poll_for_more(index)
-        if index in self.device.broken and not v.err_signalled and v.err is not None:
-            v.err_signalled = True
+    def _signal_err(self, index: int) -> None:
+        """The driver broke queue ``index``: tell the frontend on the ring's error eventfd."""
+        fd = self.vrings[index].err
+        if fd is not None:
             with contextlib.suppress(BlockingIOError):
-                os.eventfd_write(v.err, 1)
-        if more:
-            self.loop.call_soon(self._notify, index)  # yield to other fds, then go on
-        self._schedule_timer()
-
-    def _poll_for_more(self, index: int) -> bool:
-        """Watch the avail ring briefly after work: a driver that waits for each buffer
-        (Linux's balloon does) usually posts the next one within microseconds, and
-        catching it here saves a kick and a wake-up of this process. Bounded, and
-        only after a kick that did work, so an idle queue never spins."""
-        q = self.device.queues.get(index)
-        mem = self.memory
-        if q is None or mem is None or index in self.device.broken:
-            return False
-        deadline = time.perf_counter_ns() + self.busy_poll_ns
-        try:
-            while time.perf_counter_ns() < deadline:
-                if q.pending(mem):
-                    return True
-        except BalloonError:
-            return True  # let queue_notify meet (and count) the corrupt ring
-        return False
-
-    def _schedule_timer(self) -> None:
-        deadline = self.device.poll()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_later(
-                max(0.0, deadline - time.monotonic()), self._schedule_timer
-            )
+                os.eventfd_write(fd, 1)
 
     # -- config space and the backend channel -----------------------------------------
 
@@ -556,13 +476,14 @@ class BalloonVhostUserBackend(VhostUserBackend):
     # -- teardown -------------------------------------------------------------------
 
     def close(self) -> None:
-        """The frontend is gone: stop rings, release fds and memory; keep the device state."""
+        """The frontend is gone: stop the device, release fds and memory.
+
+        What the guest holds (``actual``, the target, counters) stays with the device.
+        """
         self._stop_all()
-        if self._timer is not None:
-            self._timer.cancel()
+        self.device.stop()
+        self.runner.close()
         for v in self.vrings:
-            if v.kick is not None:
-                self.loop.remove_reader(v.kick)
             for fd in (v.kick, v.call, v.err):
                 _close_fd(fd)
             v.kick = v.call = v.err = None
@@ -573,4 +494,4 @@ class BalloonVhostUserBackend(VhostUserBackend):
         for r in self.regions:
             r.close()
         self.memory, self.regions = None, []
-        self.device.interrupts = DetachedInterrupts()
+        self.device.detach()

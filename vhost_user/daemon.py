@@ -12,14 +12,12 @@ anything a frontend or guest sends.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import socket
-import stat
 from collections.abc import Callable
 
 from device import BalloonDevice
+from device.defs import FRAME_SIZE
 from vhost_user.adapter import BalloonVhostUserBackend
 from vhost_user.connection import Connection
 from vhost_user.dispatcher import Dispatcher
@@ -31,65 +29,37 @@ log = logging.getLogger(__name__)
 RECONNECT_INTERVAL = 0.5
 
 
-class SocketPathError(VhostUserError):
-    """The socket path cannot be used (exists, live, not writable)."""
-
-
-def prepare_socket_path(path: str) -> None:
-    """Make ``path`` free for bind: remove a stale socket, refuse anything else.
-
-    :raise SocketPathError: if something listens there, or it is not a socket,
-        or its directory is missing or not writable.
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise SocketPathError(f"{path}: directory {parent} does not exist") from None
-        if not os.access(parent, os.W_OK):
-            raise SocketPathError(f"{path}: directory {parent} is not writable") from None
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # stale: nobody listens
-        log.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise SocketPathError(f"{path}: another process is listening on this socket")
-
-
 class VhostUserDaemon:
     """Serves the balloon to one vhost-user frontend at a time.
 
+    Give it either a listening socket (the caller created and owns its path) or
+    a path to connect to (QEMU's chardev in server mode; retried until it works).
+
     :param device: the balloon device (outlives connections)
-    :param path: Unix socket path
-    :param client: connect to a frontend listening at ``path`` instead of listening
-    :param busy_poll_us: see :class:`BalloonVhostUserBackend`
+    :param listener: a bound, listening ``AF_UNIX`` socket; the daemon closes it
+    :param connect_to: connect to a frontend listening here instead
+    :param busy_poll_us: see :class:`device.runner.QueueRunner`
     :param on_event: called with a short string on connect/disconnect (for tests/logs)
     """
 
     def __init__(
         self,
         device: BalloonDevice,
-        path: str,
         *,
-        client: bool = False,
+        listener: socket.socket | None = None,
+        connect_to: str | None = None,
         busy_poll_us: int = 0,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
+        if (listener is None) == (connect_to is None):
+            raise ValueError("give exactly one of listener and connect_to")
         self.device = device
         self.busy_poll_us = busy_poll_us
-        self.path = path
-        self.client = client
+        self.path = connect_to
+        self.client = connect_to is not None
         self.on_event = on_event
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.listener: socket.socket | None = None
+        self.listener = listener
         self.conn: Connection | None = None
         self.dispatcher: Dispatcher | None = None
         self.backend: BalloonVhostUserBackend | None = None
@@ -100,29 +70,14 @@ class VhostUserDaemon:
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Listen on (or connect to) the socket.
-
-        :raise SocketPathError: listen mode and the path cannot be used.
-        """
+        """Accept frontends on the listener (or start connecting)."""
         self.loop = loop
-        if self.client:
+        if self.listener is None:
             self._try_connect()
             return
-        prepare_socket_path(self.path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            s.bind(self.path)
-        except OSError as err:
-            s.close()
-            raise SocketPathError(f"{self.path}: cannot listen: {err.strerror}") from err
-        finally:
-            os.umask(old)
-        s.listen(4)
-        s.setblocking(False)
-        self.listener = s
-        loop.add_reader(s.fileno(), self._on_accept)
-        log.info("vhost-user: listening on %s", self.path)
+        self.listener.setblocking(False)
+        loop.add_reader(self.listener.fileno(), self._on_accept)
+        log.info("vhost-user: accepting frontends on %s", self.listener.getsockname())
 
     def close(self) -> None:
         """Drop the frontend (finishing nothing half-done) and stop listening."""
@@ -134,8 +89,6 @@ class VhostUserDaemon:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
 
     # -- connections -----------------------------------------------------------------
 
@@ -155,6 +108,7 @@ class VhostUserDaemon:
         self._reconnect = None
         if self._closed:
             return
+        assert self.path is not None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
@@ -200,9 +154,9 @@ class VhostUserDaemon:
         self.conn.close()
         self.conn = self.dispatcher = self.backend = None
         log.info(
-            "vhost-user: %s; balloon state kept (%d frames ballooned)",
+            "vhost-user: %s; the device keeps the guest's balloon (%d MiB)",
             why,
-            self.device.engine.ballooned_frames,
+            self.device.actual * FRAME_SIZE >> 20,
         )
         if self.on_event:
             self.on_event("disconnected")

@@ -101,6 +101,12 @@ def _set_vring_enable(b: VhostUserBackend, body: bytes, fds: list[int]) -> Reply
     return None
 
 
+def _rem_mem_reg(b: VhostUserBackend, body: bytes, fds: list[int]) -> Reply:
+    _close(fds)  # some frontends pass the region's fd along; it is not needed to unmap
+    b.rem_mem_reg(SingleRegion.unpack(body).region)
+    return None
+
+
 def _set_config(b: VhostUserBackend, body: bytes, fds: list[int]) -> Reply:
     c = ConfigSpace.unpack(body)
     b.set_config(c.offset, c.data, c.flags)
@@ -139,7 +145,7 @@ ARMS: dict[FrontendReq, Arm] = {
         owner=True,
     ),
     _R.REM_MEM_REG: Arm(
-        lambda b, body, f: (_close(f), b.rem_mem_reg(SingleRegion.unpack(body).region))[1],
+        _rem_mem_reg,
         fds=lambda body: -1,  # 0 or 1: some frontends pass the region's fd; we close it
         gate=_PF.CONFIGURE_MEM_SLOTS,
         owner=True,
@@ -200,7 +206,6 @@ class Dispatcher:
         self.backend = backend
         self.owner = False
         self.protocol_features = 0
-        self.features_acked = 0
 
     def negotiated(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & feature)
@@ -260,8 +265,6 @@ class Dispatcher:
             self.owner = True
         elif req is FrontendReq.SET_PROTOCOL_FEATURES:
             self.protocol_features = _u64(body)
-        elif req is FrontendReq.SET_FEATURES:
-            self.features_acked = _u64(body)
         elif req is FrontendReq.RESET_OWNER:
             self.owner = False
 

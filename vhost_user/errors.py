@@ -15,10 +15,6 @@ line and the next frontend is served.
 class VhostUserError(Exception):
     """Base of every vhost-user error."""
 
-    def should_reconnect(self) -> bool:
-        """Whether a client-mode backend should try to connect again after this."""
-        return True
-
 
 class ProtocolError(VhostUserError):
     """The frontend sent something malformed or out of order."""
@@ -30,6 +26,3 @@ class DisconnectedError(VhostUserError):
 
 class Unsupported(VhostUserError):
     """The backend does not implement this request."""
-
-    def should_reconnect(self) -> bool:
-        return False

@@ -55,6 +55,8 @@ class VhostUserFrontend:
 
     def __init__(self, path: str | None = None, sock: socket.socket | None = None) -> None:
         if sock is None:
+            if path is None:
+                raise ValueError("give the backend's socket path or a connected socket")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(path)
         self.conn = Connection(sock)
@@ -190,6 +192,11 @@ class VhostUserFrontend:
     def set_status(self, status: int) -> None:
         self.request(FrontendReq.SET_STATUS, U64(status).pack())
 
+    def get_status(self) -> int:
+        body = self.request(FrontendReq.GET_STATUS, reply=True)
+        assert body is not None
+        return U64.unpack(body).value
+
     def reset_device(self) -> None:
         self.request(FrontendReq.RESET_DEVICE)
 
@@ -228,6 +235,23 @@ class VhostUserFrontend:
         self.set_vring_kick(index, kick)
         self.set_vring_call(index, call)
         self.set_vring_enable(index, True)
+
+    def stop_device(
+        self, num_vqs: int, started: list[int], *, status_zero: bool = False
+    ) -> dict[int, int]:
+        """QEMU 11.1's stop order, measured with vhost-user-test-device (a VM pause, a guest
+        reset and a quit look the same): SET_VRING_ENABLE(0) on all ``num_vqs`` rings, then
+        GET_VRING_BASE per started ring; no SET_STATUS(0), although STATUS is negotiated.
+        ``status_zero`` adds the SET_STATUS(0) other frontends send.
+
+        :return: each started ring's base, for the next start.
+        """
+        for index in range(num_vqs):
+            self.set_vring_enable(index, False)
+        bases = {index: self.get_vring_base(index) for index in started}
+        if status_zero and self.protocol_features & ProtocolFeature.STATUS:
+            self.set_status(0)
+        return bases
 
     def read_backend_request(self) -> tuple[int, int]:
         """One message from the backend channel: (request, flags)."""

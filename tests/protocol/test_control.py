@@ -28,11 +28,15 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from device import BalloonConfig, BalloonDevice, Feature
 from device.defs import STAT_NAMES, StatTag
-from tests.conftest import Rig
-from tests.driver import GuestRam, MiB, RecordingInterrupts
-from vballoon import control
-from vballoon.control import NO_MEMORY, ControlError, ControlServer, JsonFramer, Malformed
-from vballoon.ctl import format_bytes, run_ctl
+from device.testing import GuestRam, MiB, RecordingInterrupts
+from tests.conftest import ManualClock, Rig
+from vballoon import qmp_server
+from vballoon.control import NO_MEMORY, ControlServer
+from vballoon.ctl import run_ctl
+from vballoon.qmp_server import JsonFramer, Malformed
+from vballoon.qmp_server import QmpServerError as ControlError
+from vballoon.units import format_bytes
+from vballoon.waiting import wait_until_async
 
 T = TypeVar("T")
 RAM = 64 * MiB
@@ -125,13 +129,6 @@ def post_stats(rig: Rig, values: dict[StatTag, int]) -> None:
 
 def set_actual(dev: BalloonDevice, pages: int) -> None:
     dev.write_config(4, struct.pack("<I", pages))
-
-
-async def wait_for(cond: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 # -- greeting and negotiation ---------------------------------------------------
@@ -289,12 +286,15 @@ def test_stats_before_any_update(rig: Rig, path: str) -> None:
     run(body())
 
 
-def test_stats_after_guest_update(rig: Rig, path: str) -> None:
+def test_stats_after_guest_update(ram: GuestRam, path: str) -> None:
+    clock = ManualClock()
+    rig = Rig(ram, clock=clock)
+
     async def body() -> None:
         async with ControlServer(path, rig.dev), qmp(path) as c:
             before = time.time()
             post_stats(rig, {StatTag.MEMFREE: 40 * MiB, StatTag.MAJFLT: 7, StatTag.AVAIL: 0})
-            await asyncio.sleep(0.05)
+            clock.now += 3.25  # the device's clock, not the wall clock, gives the age
             res = await c.execute("query-balloon-stats")
             stats = res["stats"]
             assert stats["stat-free-memory"] == 40 * MiB
@@ -304,9 +304,10 @@ def test_stats_after_guest_update(rig: Rig, path: str) -> None:
             assert set(stats) == set(STAT_NAMES.values())
             assert int(before) <= res["last-update"] <= time.time()
             assert isinstance(res["last-update"], int)
-            assert 0.04 <= res["age-seconds"] < 5
+            assert res["age-seconds"] == 3.25
 
     run(body())
+    rig.close()
 
 
 # -- query-vballoon -----------------------------------------------------------------
@@ -321,7 +322,7 @@ def test_query_vballoon(ram: GuestRam, path: str) -> None:
         async with ControlServer(path, dev), qmp(path) as c:
             await c.execute("balloon", {"value": 32 * MiB})
             rig.pfns("inflate", list(range(10)))
-            set_actual(dev, 10)
+            set_actual(dev, 12)  # the guest's account need not match the device's record
             dev.write_config(12, struct.pack("<I", 0xAA))
             info = await c.execute("query-vballoon")
         f = info["features"]
@@ -331,11 +332,12 @@ def test_query_vballoon(ram: GuestRam, path: str) -> None:
         assert "range-report" in f["offered-names"] and "free-page-hint" in f["offered-names"]
         assert info["queues"] == {"inflate": 0, "deflate": 1, "stats": 2, "reporting": 3}
         assert info["active-queues"] == [0, 1, 2, 3] and info["broken-queues"] == []
-        assert info["driver-ok"] is False
+        assert info["driver-ok"] is True and info["status"] == 0xF
         assert info["ram-size"] == RAM
         assert info["num-pages"] == 8192 and info["target"] == 32 * MiB
-        assert info["actual-pages"] == 10 and info["actual"] == RAM - 10 * 4096
-        assert info["ballooned-bytes"] == 10 * 4096
+        assert info["actual-pages"] == 12 and info["actual"] == RAM - 12 * 4096
+        assert info["ballooned-bytes"] == 12 * 4096
+        assert info["tracked-bytes"] == 10 * 4096
         assert info["poison-val"] == 0xAA
         assert info["free-page-hint"]["state"] == "idle"
         counters = info["counters"]
@@ -441,21 +443,20 @@ def test_event_from_another_thread(rig: Rig, path: str) -> None:
     run(body())
 
 
-def test_previous_hook_is_chained_and_restored(rig: Rig, path: str) -> None:
+def test_other_watchers_are_kept_and_the_server_unsubscribes(rig: Rig, path: str) -> None:
     seen: list[int] = []
-
-    def earlier(actual: int) -> None:
-        seen.append(actual)
-
-    rig.dev.on_actual_change = earlier
+    rig.dev.watch_actual(seen.append)
+    srv = ControlServer(path, rig.dev, event_interval=0)
 
     async def body() -> None:
-        async with ControlServer(path, rig.dev), qmp(path) as c:
+        async with srv, qmp(path) as c:
             with c.listener("BALLOON_CHANGE") as events:
                 set_actual(rig.dev, 3)
                 await asyncio.wait_for(events.get(), 2)
-        assert rig.dev.on_actual_change is earlier
+        sent: list[int] = []
+        srv._broadcast = sent.append  # type: ignore[method-assign]
         set_actual(rig.dev, 4)
+        assert sent == [], "a closed server still follows the device"
 
     run(body())
     assert seen == [3, 4]
@@ -613,7 +614,7 @@ def test_other_file_is_refused(rig: Rig, path: str) -> None:
 
 def test_unusable_directory_is_a_clear_error(rig: Rig, path: str) -> None:
     async def body() -> None:
-        with pytest.raises(ControlError, match="cannot create control socket"):
+        with pytest.raises(ControlError, match=r"control socket .*missing.* does not exist"):
             await ControlServer(os.path.join(path, "missing", "ctl.sock"), rig.dev).start()
 
     run(body())
@@ -634,7 +635,7 @@ def test_two_clients_and_one_that_vanishes(rig: Rig, path: str) -> None:
             raw, _ = await Raw.open(path)
             await raw.send(b'{"execute": "query-bal')
             raw.writer.transport.abort()
-            await wait_for(lambda: srv.client_count == 2)
+            await wait_until_async(lambda: srv.client_count == 2, 5, "two clients")
             await a.execute("balloon", {"value": 40 * MiB})
             assert await b.execute("query-vballoon") is not None
             assert rig.dev.num_pages == 24 * MiB // 4096
@@ -651,7 +652,7 @@ def test_client_that_hangs_up_before_its_replies(
                 raw, _ = await Raw.open(path)
                 await raw.send(b'{"execute": "query-vballoon"}' * 2000)
                 raw.writer.transport.abort()
-            await wait_for(lambda: srv.client_count == 1)
+            await wait_until_async(lambda: srv.client_count == 1, 5, "one client")
             assert await c.execute("query-balloon") == {"actual": RAM}
 
     run(body())
@@ -661,7 +662,7 @@ def test_client_that_hangs_up_before_its_replies(
 def test_client_that_reads_nothing_is_dropped(
     rig: Rig, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(control, "MAX_PENDING_OUTPUT", 16 * 1024)
+    monkeypatch.setattr(qmp_server, "MAX_PENDING_OUTPUT", 16 * 1024)
 
     async def body() -> None:
         async with ControlServer(path, rig.dev, event_interval=0) as srv:
@@ -866,12 +867,13 @@ def test_ctl_stats_before_any(rig: Rig, path: str, capsys: pytest.CaptureFixture
 
 def test_ctl_info(rig: Rig, path: str, capsys: pytest.CaptureFixture[str]) -> None:
     rig.pfns("inflate", list(range(256)))
+    set_actual(rig.dev, 256)
     with ServerThread(path, rig.dev):
         assert run_ctl(path, "info") == 0
         out = capsys.readouterr().out
         assert "features negotiated: 0x13001003f must-tell-host, stats-vq," in out
         assert "queues:              inflate=0 deflate=1 stats=2 free-page=3" in out
-        assert "ballooned:           1 MiB\n" in out
+        assert "ballooned:           1 MiB (the guest's account; 1 MiB recorded" in out
         assert "guest RAM:           64 MiB\n" in out
         assert "  bytes-discarded       1048576\n" in out
         assert run_ctl(path, "info", json_output=True) == 0

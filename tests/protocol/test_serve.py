@@ -8,11 +8,11 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 
 from device import Queue
-from tests.driver import GuestRam, MiB
+from device.testing import GuestRam, MiB
 from tests.protocol.vhost_rig import Guest
+from vballoon.waiting import wait_until
 
 
 def _serve(*args: str) -> subprocess.Popen[str]:
@@ -25,11 +25,8 @@ def _serve(*args: str) -> subprocess.Popen[str]:
 
 
 def _wait_path(path: str, proc: subprocess.Popen[str]) -> None:
-    end = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < end
-        time.sleep(0.01)
+    wait_until(lambda: os.path.exists(path) or proc.poll() is not None, 10, path, 0.01)
+    assert proc.poll() is None, proc.communicate()
 
 
 def test_serve_runs_a_frontend_and_exits_cleanly_on_sigterm(tmp_path) -> None:
@@ -66,7 +63,8 @@ def test_serve_startup_errors_are_one_line(tmp_path) -> None:
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 1
     assert err.strip().splitlines() == [
-        "vballoon serve: /nonexistent-dir/v.sock: directory /nonexistent-dir does not exist"
+        "vballoon serve: vhost-user socket /nonexistent-dir/v.sock: "
+        "directory /nonexistent-dir does not exist"
     ]
     regular = tmp_path / "file"
     regular.write_text("x")

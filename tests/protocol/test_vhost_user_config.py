@@ -6,7 +6,7 @@ import struct
 import threading
 import time
 
-from tests.driver import GuestRam, MiB
+from device.testing import GuestRam, MiB
 from tests.protocol.vhost_rig import BackendThread, Guest
 from vhost_user.messages import NEED_REPLY, BackendReq
 

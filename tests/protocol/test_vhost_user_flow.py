@@ -11,7 +11,7 @@ import pytest
 
 from device import Queue
 from device.defs import STAT_NAMES, StatTag
-from tests.driver import FRAME_SIZE, GuestRam, MiB
+from device.testing import FRAME_SIZE, GuestRam, MiB
 from tests.protocol.vhost_rig import BackendThread, Guest
 from vhost_user.messages import BackendReq, ProtocolFeature
 
@@ -54,11 +54,11 @@ def test_inflate_deflate_through_kicks(guest: Guest, backend: BackendThread) -> 
     for f in range(0, guest.data_frames, 31):
         if f not in range(2048, 6144):
             assert guest.ram.frame_intact(f)
-    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 4096
+    assert backend.call(lambda: backend.device.tracked_frames) == 4096
     after = guest.ram.allocated()
     guest.inflate(Queue.DEFLATE, pfns)
     assert guest.ram.allocated() == after
-    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 0
+    assert backend.call(lambda: backend.device.tracked_frames) == 0
 
 
 def test_stats_and_reports(guest: Guest, backend: BackendThread) -> None:
@@ -172,21 +172,17 @@ def test_busy_poll_catches_a_buffer_posted_without_a_kick(sock_path: str) -> Non
     b.stop()
 
 
-def test_reset_device_forgets_the_balloon_keeps_the_target(
+def test_reset_device_empties_the_balloon_keeps_the_target(
     guest: Guest, backend: BackendThread
 ) -> None:
     backend.call(lambda: backend.device.set_num_pages(256))
     guest.inflate(Queue.INFLATE, list(range(100, 356)))
     guest.fe.set_config(4, struct.pack("<I", 256))
-    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 256
+    assert backend.call(lambda: backend.device.tracked_frames) == 256
     guest.fe.reset_device()
     dev = backend.device
-    assert backend.call(lambda: (dev.engine.ballooned_frames, dev.num_pages, dev.actual)) == (
-        0,
-        256,
-        256,
-    )
-    assert backend.call(lambda: dev.queues) == {}
+    assert backend.call(lambda: (dev.tracked_frames, dev.num_pages, dev.actual)) == (0, 256, 0)
+    assert backend.call(lambda: dev.snapshot().active_queues) == ()
 
 
 def test_status_reaches_the_device(backend: BackendThread, sock_path: str) -> None:
@@ -195,19 +191,47 @@ def test_status_reaches_the_device(backend: BackendThread, sock_path: str) -> No
     g.start()
     assert g.fe.protocol_features & ProtocolFeature.STATUS
     g.fe.set_status(1 | 2 | 8 | 4)  # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-    assert backend.call(lambda: backend.device.status) & 4
+    assert backend.call(lambda: backend.device.read_status()) & 4
     g.close()
     ram.close()
+
+
+@pytest.mark.parametrize("status_zero", [False, True])
+def test_pause_and_resume_in_qemus_order_keep_the_guests_balloon(
+    guest: Guest, backend: BackendThread, status_zero: bool
+) -> None:
+    """QMP ``stop``/``cont`` on QEMU 11.1: SET_VRING_ENABLE(0) on every ring first, then
+    GET_VRING_BASE per ring (and SET_STATUS(0) from frontends that send it); then the start
+    sequence again."""
+    dev = backend.device
+    backend.call(lambda: dev.set_num_pages(256))
+    guest.inflate(Queue.INFLATE, list(range(100, 356)))
+    guest.fe.set_config(4, struct.pack("<I", 256))
+    ring = guest.rings[Queue.STATS]
+    ring.add([ring.buffer(struct.pack("<HQ", StatTag.MEMFREE, 4321))])
+    guest.notify(Queue.STATS)
+    bases = guest.pause(status_zero)
+    state = backend.call(lambda: (dev.tracked_frames, dev.actual, dev.snapshot().active_queues))
+    assert state == (0, 256, ()), "stopped: the record goes, what the guest holds stays"
+    if status_zero:  # then QEMU's read-modify-write sends FEATURES_OK again
+        assert guest.fe.get_status() == 0 and not backend.call(lambda: dev.running)
+    assert bases[Queue.STATS] == 0, "the held stats buffer is handed back by rewinding"
+    guest.resume(bases)
+    assert backend.call(lambda: (dev.running, dev.actual, dev.num_pages)) == (True, 256, 256)
+    assert backend.call(lambda: dev.stats.values.get("stat-free-memory")) == 4321
+    before = guest.ram.allocated()
+    guest.inflate(Queue.INFLATE, list(range(400, 528)))
+    assert before - guest.ram.allocated() == 128 * FRAME_SIZE
 
 
 def test_stopping_every_ring_forgets_the_balloon(guest: Guest, backend: BackendThread) -> None:
     """Guest reset and VM pause look alike: a stale partial huge page must never complete."""
     guest.inflate(Queue.INFLATE, list(range(100, 356)))
-    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 256
+    assert backend.call(lambda: backend.device.tracked_frames) == 256
     for index in range(len(guest.layout)):
         guest.fe.get_vring_base(index)
-    assert backend.call(lambda: backend.device.engine.ballooned_frames) == 0
-    assert not backend.call(lambda: backend.device.engine.is_ballooned(100 * FRAME_SIZE))
+    assert backend.call(lambda: backend.device.tracked_frames) == 0
+    assert not backend.call(lambda: backend.device.is_ballooned(100 * FRAME_SIZE))
 
 
 def test_misaligned_rings_break_the_queue_not_the_connection(
@@ -226,8 +250,8 @@ def test_misaligned_rings_break_the_queue_not_the_connection(
     )
     kick = os.eventfd(1, os.EFD_NONBLOCK)
     g.fe.set_vring_kick(idx, kick)  # the guest's misaligned table: that queue breaks
-    assert idx in backend.call(lambda: set(backend.device.broken))
-    assert backend.call(lambda: backend.device.status) & 64  # DEVICE_NEEDS_RESET
+    assert idx in backend.call(lambda: set(backend.device.snapshot().broken_queues))
+    assert backend.call(lambda: backend.device.read_status()) & 64  # DEVICE_NEEDS_RESET
     g.inflate(Queue.INFLATE, [7])  # the connection and the other queues still work
     os.close(kick)
     g.close()
@@ -247,7 +271,7 @@ def test_memory_table_gap_keeps_the_kick(guest: Guest, backend: BackendThread) -
     assert not guest.wait_call(Queue.INFLATE, timeout=0.3)
     guest.fe.add_mem_reg(region)
     assert guest.wait_call(Queue.INFLATE), "the buffer was lost in the gap"
-    assert ring.get_used() and not backend.call(lambda: backend.device.broken)
+    assert ring.get_used() and not backend.call(lambda: backend.device.snapshot().broken_queues)
 
 
 def test_rem_mem_reg_may_carry_an_fd(guest: Guest, backend: BackendThread) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from device import Queue
-from tests.driver import GuestRam, MiB
+from device.testing import GuestRam, MiB
 from tests.protocol.vhost_rig import UADDR_BASE, BackendThread, Guest
 from vhost_user.frontend import FrontendRegion, VhostUserFrontend
 from vhost_user.messages import FrontendReq, MemRegion, MemTable, VringAddr, VringState

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
 
 from device import Queue
-from tests.driver import FRAME_SIZE, GuestRam, MiB
+from device.testing import FRAME_SIZE, GuestRam, MiB
 from tests.protocol.vhost_rig import BackendThread, Guest, reconnect
-
-
-def _wait(pred, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.005)
+from vballoon.waiting import wait_until
 
 
 @pytest.mark.parametrize("kick_before_death", [False, True])
@@ -43,7 +36,7 @@ def test_frontend_dies_mid_stream(
         g.notify(Queue.INFLATE)
         g.notify(Queue.REPORTING)
     g.fe.conn.close()  # dies without a goodbye
-    _wait(lambda: "disconnected" in backend.events)
+    wait_until(lambda: "disconnected" in backend.events, 5, "the disconnect", 0.005)
 
     returned = {h for h, _ in inflate.get_used()}
     report_used = len(report.get_used())
@@ -56,7 +49,9 @@ def test_frontend_dies_mid_stream(
         ram.mapping[gpa : gpa + 8] = struct.pack("<Q", 0xC0FFEE)
 
     reconnect(g, sock_path)
-    _wait(lambda: inflate.used_idx() == 50 and report.used_idx() == 6)
+    wait_until(
+        lambda: inflate.used_idx() == 50 and report.used_idx() == 6, 5, "every buffer", 0.005
+    )
     for f in done_frames:
         assert ram.mapping[f * FRAME_SIZE : f * FRAME_SIZE + 8] == struct.pack("<Q", 0xC0FFEE)
     for gpa, _ in reports[:report_used]:
@@ -64,8 +59,11 @@ def test_frontend_dies_mid_stream(
     # Buffers not returned before the death were processed after the restart.
     for f in second[64 * len(returned) :]:
         assert ram.frame_zero(f)
-    # Accounting is exact: every frame counted once, across both connections.
-    assert backend.call(lambda: backend.device.engine.ballooned_frames) == len(first) + len(second)
+    # Every frame was processed exactly once, across both connections ...
+    dev = backend.device
+    assert backend.call(lambda: dev.metrics.inflated_frames) == len(first) + len(second)
+    # ... and the device's own record restarted with the new frontend (a stop forgets it).
+    assert backend.call(lambda: dev.tracked_frames) == 64 * (30 - len(returned))
     assert backend.call(lambda: backend.device.metrics.reports) == 6
     assert backend.daemon.connections == 2
     g.close()

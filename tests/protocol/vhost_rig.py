@@ -17,10 +17,9 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from device import BalloonConfig, BalloonDevice, GuestMemory, Queue, queue_layout
-from device.testing import DriverRing
-from tests.driver import GuestRam, MiB
+from device.testing import DriverRing, GuestRam, MiB
+from vballoon.unix_socket import ClaimedSocket
 from vhost_user import VhostUserDaemon
-from vhost_user.adapter import DetachedInterrupts
 from vhost_user.frontend import FrontendRegion, VhostUserFrontend
 
 T = TypeVar("T")
@@ -36,10 +35,14 @@ class BackendThread:
     def __init__(
         self, path: str, config: BalloonConfig | None = None, busy_poll_us: int = 0
     ) -> None:
-        self.device = BalloonDevice(config or BalloonConfig(stats_interval=0), DetachedInterrupts())
+        self.device = BalloonDevice(config or BalloonConfig(stats_interval=0))
         self.events: list[str] = []
+        self.socket = ClaimedSocket(path, "vhost-user socket")
         self.daemon = VhostUserDaemon(
-            self.device, path, busy_poll_us=busy_poll_us, on_event=self.events.append
+            self.device,
+            listener=self.socket.sock,
+            busy_poll_us=busy_poll_us,
+            on_event=self.events.append,
         )
         self.loop = asyncio.new_event_loop()
         started: Future[None] = Future()
@@ -73,6 +76,7 @@ class BackendThread:
 
     def stop(self) -> None:
         self.call(self.daemon.close)
+        self.socket.release()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         self.loop.close()
@@ -122,6 +126,20 @@ class Guest:
                 self.call[q],
                 base=(bases or {}).get(q, 0),
             )
+
+    def pause(self, status_zero: bool = False) -> dict[Queue, int]:
+        """QEMU's stop sequence (a QMP ``stop``); the rings keep their contents."""
+        started = [self.index(q) for q in self.rings]
+        bases = self.fe.stop_device(len(self.layout), started, status_zero=status_zero)
+        for fd in [*self.kick.values(), *self.call.values()]:
+            os.close(fd)
+        self.kick.clear()
+        self.call.clear()
+        return {q: bases[self.index(q)] for q in self.rings}
+
+    def resume(self, bases: dict[Queue, int]) -> None:
+        """QEMU's start sequence again (a QMP ``cont``), continuing where the rings were."""
+        self.start(bases=bases, fresh_rings=False)
 
     def index(self, q: Queue) -> int:
         return self.layout.index(q)

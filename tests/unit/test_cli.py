@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from vballoon.cli import main, parse_size
+from vballoon.cli import main
+from vballoon.units import SizeError, parse_size
 
 BENCH_KEYS = {
     "inflate_contig_vs_raw",
@@ -36,7 +36,7 @@ def test_parse_size(text: str, value: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "abc", "12X", "-1G"])
 def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(SizeError):
         parse_size(text)
 
 

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from device import ChainError, GuestError, Queue, RingError, Status
 from device._accel import ffi
 from device.defs import MAX_PFN_BUFFER_BYTES, MAX_RANGE_REPORT_BYTES, PFN_BATCH
+from device.testing import DESC, F_INDIRECT, F_NEXT, F_WRITE, GuestRam, MiB, frame_pattern
 from tests import reference as ref
 from tests.conftest import RING_AREA, Rig
-from tests.driver import DESC, F_INDIRECT, F_NEXT, F_WRITE, GuestRam, MiB, frame_pattern
 
 FRAME = 4096
 RAM_SIZE = 16 * MiB
@@ -211,9 +211,9 @@ def test_pfn_arrays(buffers: list[tuple[str, list[int], int, int, bool]]) -> Non
         assert (m.inflated_frames, m.deflated_frames) == (inflated, deflated)
         assert (m.refused_ranges, m.refused_frames) == (refused, refused_frames)
         assert m.bad_chains == 0
-        assert rig.dev.engine.ballooned_frames == len(ballooned)
+        assert rig.dev.tracked_frames == len(ballooned)
         for f in list(ballooned)[:50]:
-            assert rig.dev.engine.is_ballooned(f * FRAME)
+            assert rig.dev.is_ballooned(f * FRAME)
 
 
 report_entry = st.one_of(
@@ -599,11 +599,11 @@ def test_hostile_ring(case: Case) -> None:
         if case.outcome == "bad_chain":
             assert (m.bad_chains, m.broken_queues) == (1, 0)
             assert ring.get_used() == [(case.head, 0)], "the bad chain must come back, len 0"
-            q = rig.dev.queues[index]
+            q = rig.dev.queue(index)
             assert q.next_used == q.next_avail == 1
         else:
-            assert m.broken_queues == 1 and rig.dev.broken == {index}
-            assert rig.dev.status & Status.DEVICE_NEEDS_RESET
+            assert m.broken_queues == 1 and rig.dev.snapshot().broken_queues == (index,)
+            assert rig.dev.read_status() & Status.DEVICE_NEEDS_RESET
             assert rig.irq.configs >= 1
             assert not rig.kick(case.queue)  # a broken queue is left alone until reset
             assert m.inflate_buffers == (1 if case.may_free else 0)
@@ -693,12 +693,12 @@ class Oracle:
 
     def install(self) -> None:
         dev = self.rig.dev
-        for index, q in dev.queues.items():
+        for index, q in dev._queues.items():
             q.pending = self._pending(q, index)  # type: ignore[method-assign]
             q.pop = self._pop(q, index)  # type: ignore[method-assign]
         for role, h in dev._handlers.items():
             h.handle = self._handle(role, h.handle)
-        eng = dev.engine
+        eng = dev._engine
         eng.inflate = self._record("inflate", eng.inflate)  # type: ignore[method-assign]
         eng.deflate = self._record("deflate", eng.deflate)  # type: ignore[method-assign]
         eng.discard_gpa_ranges = self._record("ranges", eng.discard_gpa_ranges)  # type: ignore[method-assign]
@@ -1094,14 +1094,14 @@ def test_random_rings(queue_size: int, data: st.DataObject) -> None:
         ):
             event(f"{what}: {'none' if n == 0 else 'some'}")
         assert m.bad_chains == oracle.bad_chains
-        assert dev.broken == oracle.broken
+        assert set(dev.snapshot().broken_queues) == oracle.broken
         assert m.broken_queues == len(oracle.broken)
         if oracle.broken:
-            assert dev.status & Status.DEVICE_NEEDS_RESET
+            assert dev.read_status() & Status.DEVICE_NEEDS_RESET
         assert m.range_report_errors == oracle.range_errors
         assert m.refused_ranges == oracle.refused
         held = dev._stats.held
-        for index, q in dev.queues.items():
+        for index, q in dev._queues.items():
             outstanding = (q.next_avail - q.next_used) & 0xFFFF
             if dev.layout.queue_at(index) is Queue.STATS and held is not None:
                 assert outstanding == 1, f"stats queue holds {outstanding} buffers, one at most"
@@ -1126,7 +1126,7 @@ def test_second_stats_buffer_is_not_dropped() -> None:
         assert rig.dev.stats.values["stat-free-memory"] == 2 << 20
         assert rig.dev.request_stats()
         assert ring.get_used() == [(h2, 0)]
-        q = rig.dev.queues[rig.index("stats")]
+        q = rig.dev.queue(rig.index("stats"))
         assert q.next_avail == q.next_used == 2
 
 
@@ -1142,7 +1142,7 @@ def test_stop_with_held_stats_after_a_bad_chain() -> None:
         base = rig.dev.stop_queue(index)
         q = ring.device_queue(next_avail=base)
         q.resume_used_from_ring(rig.mem)
-        rig.dev.set_queue(index, q)
+        rig.dev.start_queue(index, q)
         kick(rig, "stats")
         rig.dev.request_stats()
         returned = [h for h, _ in ring.get_used()]

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from device import RegionSpec
+from device.testing import FRAME_SIZE, GuestRam, MiB
 from tests.conftest import Rig, is_root
-from tests.driver import FRAME_SIZE, GuestRam, MiB
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_contiguous_inflate_frees_exactly(big: Rig) -> None:
     assert m.inflate_buffers == 64 and m.inflated_frames == 16384
     assert m.discard_syscalls == 64  # one coalesced punch per 1 MiB buffer
     assert m.bytes_discarded == 64 * MiB and m.discard_errors == 0
-    assert big.dev.engine.ballooned_frames == 16384
+    assert big.dev.tracked_frames == 16384
     assert_only_ballooned_changed(big, set(pfns))
     assert all(big.ram.frame_zero(f) for f in (1000, 9000, 17383))
 
@@ -64,7 +64,7 @@ def test_duplicated_pfns_count_once(big: Rig) -> None:
     big.pfns("inflate", pfns)
     assert before - big.ram.allocated() == len(set(base)) * FRAME_SIZE
     assert big.dev.metrics.inflated_frames == len(set(base))
-    assert big.dev.engine.ballooned_frames == len(set(base))
+    assert big.dev.tracked_frames == len(set(base))
     assert_only_ballooned_changed(big, set(base))
 
 
@@ -76,12 +76,12 @@ def test_deflate_discards_nothing_and_reinflate_discards_again(big: Rig) -> None
     big.pfns("deflate", pfns)
     assert big.ram.allocated() == after_inflate
     assert big.dev.metrics.discard_syscalls == syscalls
-    assert big.dev.metrics.deflated_frames == 2048 and big.dev.engine.ballooned_frames == 0
+    assert big.dev.metrics.deflated_frames == 2048 and big.dev.tracked_frames == 0
     # The guest reuses the pages, then balloons them again: they must go back again.
     big.ram.fill_pattern(5000, 2048)
     big.pfns("inflate", pfns)
     assert big.ram.allocated() == after_inflate
-    assert big.dev.engine.ballooned_frames == 2048
+    assert big.dev.tracked_frames == 2048
 
 
 def test_pfns_outside_ram_are_refused_and_counted(big: Rig) -> None:
@@ -145,8 +145,8 @@ def test_hugetlbfs_halves_complete_a_huge_page(ram: GuestRam, hugepages: int) ->
     rig.pfns("inflate", list(range(first, first + 256)))
     assert huge.allocated() == full
     assert rig.dev.metrics.discard_syscalls == 0
-    assert rig.dev.engine.is_ballooned(huge.gpa) and rig.dev.engine.is_ballooned(huge.gpa + MiB - 1)
-    assert not rig.dev.engine.is_ballooned(huge.gpa + MiB)
+    assert rig.dev.is_ballooned(huge.gpa) and rig.dev.is_ballooned(huge.gpa + MiB - 1)
+    assert not rig.dev.is_ballooned(huge.gpa + MiB)
     assert huge.frame_intact(first)  # nothing zeroed yet
     # The other half in a separate buffer completes it: exactly one huge page goes back.
     rig.pfns("inflate", list(range(first + 256, first + 512)))
@@ -154,7 +154,7 @@ def test_hugetlbfs_halves_complete_a_huge_page(ram: GuestRam, hugepages: int) ->
     # One half of huge page 1 only: nothing freed, the half stays recorded.
     rig.pfns("inflate", list(range(first + 512, first + 768)))
     assert huge.allocated() == full - 2 * MiB
-    assert rig.dev.engine.ballooned_frames == 768
+    assert rig.dev.tracked_frames == 768
     for f in range(first + 512, first + 4 * 512):
         assert huge.frame_intact(f)
     # Deflating half of page 1 and inflating it again completes nothing.

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from device import BalloonConfig, BalloonDevice, ConfigError, Feature, Queue, queue_layout
-from tests.driver import RecordingInterrupts
+from device.testing import RecordingInterrupts
 
 OPTIONAL = [
     (Feature.STATS_VQ, Queue.STATS),
@@ -51,10 +51,10 @@ def test_device_layout_follows_negotiation(present: tuple[int, ...]) -> None:
     for on, (bit, _) in zip(present, OPTIONAL, strict=True):
         if on:
             features |= bit
-    dev.set_features(features)
+    dev.negotiate(features)
     assert dev.layout == queue_layout(features)
     with pytest.raises(ConfigError):
-        dev.set_queue(len(dev.layout), None)  # type: ignore[arg-type]
+        dev.start_queue(len(dev.layout), None)  # type: ignore[arg-type]
 
 
 def test_switched_off_features_are_not_offered() -> None:
@@ -73,4 +73,4 @@ def test_switched_off_features_are_not_offered() -> None:
     assert dev.layout.queues == (Queue.INFLATE, Queue.DEFLATE)
     assert dev.config_size == 8
     with pytest.raises(ConfigError):
-        dev.set_features(Feature.VERSION_1 | Feature.STATS_VQ)
+        dev.negotiate(Feature.VERSION_1 | Feature.STATS_VQ)

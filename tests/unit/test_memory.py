@@ -5,8 +5,8 @@ import mmap
 import pytest
 
 from device import ConfigError, DiscardMode, GuestError, GuestMemory, RegionSpec
+from device.testing import GuestRam, MiB
 from tests.conftest import is_root
-from tests.driver import GuestRam, MiB
 
 
 def two_regions() -> tuple[GuestMemory, list[GuestRam]]:

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 import pytest
 
 from device import BalloonConfig, ConfigError, Feature, HintState, Queue, Status
 from device.defs import CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, STAT_NAMES, StatTag
+from device.testing import FRAME_SIZE, GuestRam, MiB
 from tests.conftest import Rig, is_root
-from tests.driver import FRAME_SIZE, GuestRam, MiB
-
-
-@pytest.fixture
-def prig(ram: GuestRam) -> Iterator[Rig]:
-    ram.fill_pattern()
-    r = Rig(ram)
-    yield r
-    r.close()
 
 
 def stats_buffer(values: dict[int, int]) -> bytes:
@@ -72,19 +63,20 @@ def test_stop_queue_rewinds_held_stats(prig: Rig) -> None:
     idx = prig.index("stats")
     assert prig.dev.stop_queue(idx) == 0  # the held buffer will be seen again
     q = ring.device_queue(next_avail=0)
-    prig.dev.set_queue(idx, q)
+    prig.dev.start_queue(idx, q)
     prig.kick("stats")
     assert prig.dev.metrics.stats_updates == 2
     assert prig.dev.stop_queue(idx) == 0
 
 
 def test_driver_ok_processes_primed_stats(ram: GuestRam) -> None:
-    rig = Rig(ram)
+    rig = Rig(ram, activate=False)
     ring = rig.rings["stats"]
     ring.add([ring.buffer(stats_buffer({5: 123}))])  # Linux primes before DRIVER_OK
-    rig.dev.driver_ok()
+    assert rig.kick("stats") is False and rig.dev.stats.values == {}  # not yet
+    rig.dev.set_status(rig.dev.read_status() | Status.DRIVER_OK)
     assert rig.dev.stats.values == {"stat-total-memory": 123}
-    assert rig.dev.status & Status.DRIVER_OK
+    assert rig.dev.read_status() & Status.DRIVER_OK
     rig.close()
 
 
@@ -204,9 +196,9 @@ def test_poison_binds_only_when_negotiated(ram: GuestRam) -> None:
 def test_poison_written_before_features_is_honoured(ram: GuestRam) -> None:
     """Linux writes poison_val in probe, before a vhost-user backend sees FEATURES_OK."""
     ram.fill_pattern()
-    rig = Rig(ram, features=Feature.VERSION_1)
+    rig = Rig(ram, features=Feature.VERSION_1, activate=False)
     _write_poison(rig, 0xAAAAAAAA)
-    rig.dev.set_features(rig.dev.offered_features)
+    rig.dev.negotiate(rig.dev.offered_features)
     assert rig.dev.read_config(12, 4) == struct.pack("<I", 0xAAAAAAAA)
     rig.close()
     rig = Rig(ram)
@@ -273,7 +265,7 @@ def test_range_report_without_status_buffer_is_returned(prig: Rig) -> None:
 def test_config_read_write_rules(prig: Rig) -> None:
     dev = prig.dev
     changes = []
-    dev.on_actual_change = changes.append
+    dev.watch_actual(changes.append)
     assert dev.config_size == 16
     dev.set_num_pages(1234)
     assert prig.irq.configs == 1
@@ -294,16 +286,20 @@ def test_config_read_write_rules(prig: Rig) -> None:
         dev.set_num_pages(1 << 32)
 
 
-def test_reset_forgets_balloon_but_keeps_target(prig: Rig) -> None:
+def test_reset_empties_the_balloon_but_keeps_the_target(prig: Rig) -> None:
     dev = prig.dev
+    changes: list[int] = []
+    dev.watch_actual(changes.append)
     dev.set_num_pages(512)
     prig.pfns("inflate", list(range(100, 612)))
     dev.write_config(4, struct.pack("<I", 512))
-    assert dev.engine.ballooned_frames == 512
+    assert dev.tracked_frames == 512
     dev.reset()
-    assert dev.engine.ballooned_frames == 0 and not dev.engine.is_ballooned(100 * FRAME_SIZE)
-    assert (dev.num_pages, dev.actual) == (512, 512)
-    assert dev.queues == {} and dev.layout.index(Queue.STATS) == 2
+    assert dev.tracked_frames == 0 and not dev.is_ballooned(100 * FRAME_SIZE)
+    # The guest's balloon is gone with its driver; the target is the operator's.
+    assert (dev.num_pages, dev.actual, dev.read_status()) == (512, 0, 0)
+    assert changes == [512, 0]
+    assert dev.snapshot().active_queues == () and dev.layout.index(Queue.STATS) == 2
 
 
 def test_corrupt_ring_breaks_only_that_queue(prig: Rig) -> None:
@@ -311,7 +307,7 @@ def test_corrupt_ring_breaks_only_that_queue(prig: Rig) -> None:
     ring.set_avail_idx(1000)
     assert prig.kick("inflate") is False
     assert prig.dev.metrics.broken_queues == 1
-    assert prig.dev.status & Status.DEVICE_NEEDS_RESET and prig.irq.configs == 1
+    assert prig.dev.read_status() & Status.DEVICE_NEEDS_RESET and prig.irq.configs == 1
     assert prig.kick("inflate") is False and prig.dev.metrics.broken_queues == 1
     # Other queues keep working.
     before = prig.ram.allocated()
@@ -364,7 +360,7 @@ def test_syscall_budget_yields_between_chains(ram: GuestRam) -> None:
 def test_engine_keeps_bitmaps_without_memory_and_drops_vanished_regions(ram: GuestRam) -> None:
     rig = Rig(ram)
     rig.pfns("inflate", list(range(100, 200)))
-    eng = rig.dev.engine
+    eng = rig.dev._engine  # white box: the engine's own bookkeeping
     eng.set_memory(None)  # the frontend went away
     assert eng.ballooned_frames == 100
     eng.set_memory(rig.mem)  # the same table comes back
@@ -385,7 +381,7 @@ def test_out_of_budget_still_asks_for_the_next_kick(ram: GuestRam) -> None:
     the budget must publish avail_event too, or the next buffer is never announced."""
     rig = Rig(ram, config=BalloonConfig(stats_interval=0, kick_syscall_budget=10))
     idx = rig.index("inflate")
-    q = ring_q = rig.dev.queues[idx]
+    q = ring_q = rig.dev.queue(idx)
     ring_q.event_idx = True
     ring = rig.rings["inflate"]
     pfns = list(range(0, 40, 2))  # 20 isolated frames: 20 syscalls, over the budget

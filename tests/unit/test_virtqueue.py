@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from device import ChainError, ConfigError, GuestMemory, RingError, SplitQueue
-from tests.driver import F_INDIRECT, F_NEXT, F_WRITE, DriverRing, GuestRam, MiB
+from device.testing import F_INDIRECT, F_NEXT, F_WRITE, DriverRing, GuestRam, MiB
 
 BASE = 8 * MiB
 
@@ -183,7 +183,7 @@ def test_indirect_needs_feature_and_no_nesting(env) -> None:
     inner = ring.alloc(16)
     ring.mem.write(inner, bytes(16))
     outer = ring.alloc(16)
-    from tests.driver import DESC
+    from device.testing import DESC
 
     ring.mem.write(outer, DESC.pack(inner, 16, F_INDIRECT, 0))
     ring.raw_desc(1, outer, 16, F_INDIRECT, 0)
@@ -195,7 +195,7 @@ def test_indirect_needs_feature_and_no_nesting(env) -> None:
 
 def test_indirect_loop_is_bounded(env) -> None:
     mem, ring = env
-    from tests.driver import DESC
+    from device.testing import DESC
 
     table = ring.alloc(32)
     a = ring.buffer(b"abcd")

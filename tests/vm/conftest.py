@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vballoon.testenv import ProvisionError, TestEnv, ensure_testenv
+from vm_harness.testenv import ProvisionError, TestEnv, ensure_testenv
 
 
 @pytest.fixture(scope="session")

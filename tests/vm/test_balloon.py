@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from device import queue_layout
-from vballoon.testenv import TestEnv
-from vballoon.vm import VM, VMOptions, wait_for
+from vm_harness.provision import TestEnv
+from vm_harness.vm import VM, VMOptions, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -130,6 +130,62 @@ def test_deflate_to_full_lets_the_guest_use_all_memory(env: TestEnv, balloon: st
         assert again >= 0.9 * fresh, f"{balloon}: {again} MiB allocatable again, {fresh} before"
         if balloon == "vballoon":
             assert vm.vballoon_info()["ballooned-bytes"] == 0
+
+
+# -- pause and resume ----------------------------------------------------------------------------
+
+
+def run_state(vm: VM) -> str:
+    assert vm.qmp is not None
+    status = vm.qmp.cmd("query-status")
+    assert isinstance(status, dict)
+    return str(status["status"])
+
+
+@pytest.mark.parametrize("balloon", BALLOONS)
+def test_pause_and_resume_keep_the_balloon(env: TestEnv, balloon: str) -> None:
+    """QMP ``stop``/``cont``: vhost-user stops the device exactly as for a guest reset, and
+    the balloon the guest still holds must still be reported, during and after."""
+    with VM(env, options(balloon, mem_mib=768)) as vm:
+        assert vm.qmp is not None and vm.ctl is not None
+        held = hold(vm, 32)
+        target = 512 * MiB
+        vm.balloon(target)
+        vm.wait_actual(target, timeout=180)
+        vm.qmp.cmd("stop")
+        assert run_state(vm) == "paused"
+        assert vm.actual() == target, "paused: query-balloon lost the balloon"
+        if balloon == "vballoon":
+            paused = vm.vballoon_info()
+            assert paused["ballooned-bytes"] == 256 * MiB and paused["actual"] == target
+            # QEMU 11.1 stops every ring but sends no SET_STATUS(0): DRIVER_OK stays set.
+            assert paused["active-queues"] == [] and paused["tracked-bytes"] == 0
+        vm.qmp.cmd("cont")
+        wait_for(lambda: run_state(vm) == "running", 30, "the VM running again")
+        assert vm.actual() == target, "resumed: query-balloon lost the balloon"
+        if balloon == "vballoon":
+            info = vm.vballoon_info()
+            assert info["ballooned-bytes"] == 256 * MiB and info["actual"] == target
+            assert info["driver-ok"] is True
+            wait_for(lambda: vm.vballoon_info()["active-queues"], 30, "the queues running again")
+        # The guest goes on from the balloon it holds: BALLOON_CHANGE counts from there.
+        vm.ctl.clear_events()
+        smaller = 384 * MiB
+        vm.balloon(smaller)
+        vm.wait_actual(smaller, timeout=180)
+        sizes = wait_for(
+            lambda: [
+                e["data"]["actual"]
+                for e in vm.ctl.get_events(wait=False)  # type: ignore[union-attr]
+                if e["event"] == "BALLOON_CHANGE"
+            ],
+            10,
+            "BALLOON_CHANGE events",
+        )
+        assert all(smaller <= size < target for size in sizes), sizes
+        assert held_sum(vm) == (held, 0), "held data changed across the pause"
+        if balloon == "vballoon":
+            assert vm.vballoon_info()["ballooned-bytes"] == 384 * MiB
 
 
 # -- stats --------------------------------------------------------------------------------------

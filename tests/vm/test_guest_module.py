@@ -18,18 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from vballoon import guest_module
-from vballoon.guest_module import (
+from vm_harness import guest_module
+from vm_harness.guest_module import (
     DEBUGFS,
     MODULE,
-    SOURCE_DIR,
     ModuleBuildError,
     ReportModule,
     build_module,
     initramfs_with_module,
 )
-from vballoon.testenv import TestEnv
-from vballoon.vm import VM, VMOptions, wait_for
+from vm_harness.provision import TestEnv
+from vm_harness.vm import VM, VMOptions, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -41,7 +40,7 @@ ABI = {
     m.group(1): int(m.group(2), 0)
     for m in re.finditer(
         r"^#define\s+(VBALLOON_\w+)\s+(\d+|0x[0-9a-fA-F]+)\b",
-        (SOURCE_DIR / "vballoon_report_abi.h").read_text(),
+        (guest_module.source_dir() / "vballoon_report_abi.h").read_text(),
         re.M,
     )
 }
@@ -162,7 +161,7 @@ def test_build_failure_shows_the_compiler_output(
 ) -> None:
     """A warning is an error, and the error message carries the compiler's words."""
     src = tmp_path / "guest_driver_c"
-    shutil.copytree(SOURCE_DIR, src)
+    shutil.copytree(guest_module.source_dir(), src)
     c_file = src / f"{MODULE}.c"
     c_file.write_text(c_file.read_text() + "\nstatic int vbr_unused_probe;\n")
     monkeypatch.setattr(guest_module, "SOURCE_DIR", src)

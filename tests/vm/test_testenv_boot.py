@@ -15,15 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vballoon.guest_agent import GuestAgent, GuestAgentError, GuestTimeout
-from vballoon.testenv import (
-    READY_MARKER,
-    Guest,
-    TestEnv,
-    launch_guest,
-)
+from vm_harness.guest_agent import GuestAgent, GuestAgentError, GuestTimeout
+from vm_harness.provision import READY_MARKER, TestEnv
+from vm_harness.vm import VM, VMOptions
 
 pytestmark = pytest.mark.vm
 
@@ -32,50 +27,18 @@ GUEST_MIB = 512
 BOOT_TIMEOUT = 180.0
 
 
-class BalloonGuest:
-    """A booted guest with QEMU's balloon, its agent and a QMP connection."""
-
-    def __init__(self, guest: Guest, agent: GuestAgent, qmp: QEMUMonitorProtocol) -> None:
-        self.guest = guest
-        self.agent = agent
-        self.qmp = qmp
-
-    def balloon_actual(self) -> int:
-        info = self.qmp.cmd("query-balloon")
-        assert isinstance(info, dict)
-        return int(info["actual"])
-
-    def set_target(self, size: int, timeout: float = 60.0) -> None:
-        """Ask for a guest size and wait (bounded) until the balloon reached it."""
-        self.qmp.cmd("balloon", value=size)
-        deadline = time.monotonic() + timeout
-        while self.balloon_actual() != size:
-            if time.monotonic() > deadline:
-                pytest.fail(f"balloon stuck at {self.balloon_actual()} (target {size})")
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def balloon_guest(env: TestEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BalloonGuest]:
-    workdir = tmp_path_factory.mktemp("guest")
-    qmp_sock = workdir / "qmp.sock"
-    extra = [
-        "-device", "virtio-balloon-pci,id=balloon0",
-        "-qmp", f"unix:{qmp_sock},server=on,wait=off",
-    ]  # fmt: skip
-    with launch_guest(
-        env, workdir, extra, memory_mib=GUEST_MIB, append="vballoon.load_balloon=1"
-    ) as guest:
-        assert guest.agent_sock is not None
-        with GuestAgent(guest.agent_sock, console_log=guest.console_log) as agent:
-            agent.wait_ready(BOOT_TIMEOUT)
-            qmp = QEMUMonitorProtocol(str(qmp_sock))
-            qmp.connect(negotiate=True)
-            try:
-                yield BalloonGuest(guest, agent, qmp)
-            finally:
-                qmp.close()
-    assert guest.proc.poll() is not None, "QEMU still running after teardown"
+def balloon_guest(env: TestEnv) -> Iterator[VM]:
+    """A booted guest with QEMU's balloon, its agent and a QMP connection."""
+    vm = VM(env, VMOptions(balloon="qemu", mem_mib=GUEST_MIB, boot_timeout=BOOT_TIMEOUT))
+    with vm:
+        yield vm
+    assert vm.qemu is not None and vm.qemu.poll() is not None, "QEMU still running after teardown"
+
+
+def _agent(vm: VM) -> GuestAgent:
+    assert vm.agent is not None
+    return vm.agent
 
 
 def test_provisioned_versions(env: TestEnv) -> None:
@@ -88,17 +51,17 @@ def test_provisioned_versions(env: TestEnv) -> None:
     assert env.root is not None
 
 
-def test_ready_marker_and_driver_bound(balloon_guest: BalloonGuest) -> None:
-    assert READY_MARKER in balloon_guest.guest.console()
-    agent = balloon_guest.agent
+def test_ready_marker_and_driver_bound(balloon_guest: VM) -> None:
+    assert READY_MARKER in balloon_guest.console()
+    agent = _agent(balloon_guest)
     rc, out = agent.run("ls /sys/bus/virtio/drivers/virtio_balloon/", 30)
     assert rc == 0
     assert re.search(r"^virtio\d+$", out, re.M), out
     assert "virtio_balloon" in agent.check("lsmod", 30)
 
 
-def test_agent_exit_codes_stdin_and_output(balloon_guest: BalloonGuest) -> None:
-    agent = balloon_guest.agent
+def test_agent_exit_codes_stdin_and_output(balloon_guest: VM) -> None:
+    agent = _agent(balloon_guest)
     assert agent.run("exit 7", 30) == (7, "")
     assert agent.run("echo out; echo err >&2", 30) == (0, "out\nerr\n")
     assert agent.run("kill -9 $$", 30)[0] == 128 + 9
@@ -109,8 +72,8 @@ def test_agent_exit_codes_stdin_and_output(balloon_guest: BalloonGuest) -> None:
     assert rc == 0 and data == blob
 
 
-def test_agent_guest_timeout_then_still_usable(balloon_guest: BalloonGuest) -> None:
-    agent = balloon_guest.agent
+def test_agent_guest_timeout_then_still_usable(balloon_guest: VM) -> None:
+    agent = _agent(balloon_guest)
     t0 = time.monotonic()
     with pytest.raises(GuestTimeout) as info:
         agent.run("sleep 60", timeout=1.0)
@@ -120,16 +83,16 @@ def test_agent_guest_timeout_then_still_usable(balloon_guest: BalloonGuest) -> N
     assert agent.run("echo alive", 30) == (0, "alive\n")
 
 
-def test_agent_ignores_garbage_on_the_real_port(balloon_guest: BalloonGuest) -> None:
-    agent = balloon_guest.agent
+def test_agent_ignores_garbage_on_the_real_port(balloon_guest: VM) -> None:
+    agent = _agent(balloon_guest)
     assert agent._sock is not None
     agent._sock.sendall(b"\x00\xff garbage VBC\nVBC x\nVBC bad! 10 aGk=\nVBC ok 10 !!!\n")
     agent._sock.sendall(b"half a line without end")
     assert agent.run("echo fine", 30) == (0, "fine\n")
 
 
-def test_memhog_checksum_survives_ballooning(balloon_guest: BalloonGuest) -> None:
-    agent = balloon_guest.agent
+def test_memhog_checksum_survives_ballooning(balloon_guest: VM) -> None:
+    agent = _agent(balloon_guest)
     out = agent.check("memhog touch 64", 60)
     assert out.startswith("touched 64 MiB")
 
@@ -144,12 +107,14 @@ def test_memhog_checksum_survives_ballooning(balloon_guest: BalloonGuest) -> Non
     ]
 
     total_before = _mem_total_kib(agent)
-    balloon_guest.set_target((GUEST_MIB - 192) * MiB)
+    balloon_guest.balloon((GUEST_MIB - 192) * MiB)
+    balloon_guest.wait_actual((GUEST_MIB - 192) * MiB, timeout=60)
     total_inflated = _mem_total_kib(agent)
     assert total_before - total_inflated >= 190 * 1024, (total_before, total_inflated)
     # The held data is intact while 192 MiB sit in the balloon ...
     assert agent.check("memhog ask /run/hog.sock sum", 60).startswith(f"sum={held_sum} bad_pages=0")
-    balloon_guest.set_target(GUEST_MIB * MiB)
+    balloon_guest.balloon(GUEST_MIB * MiB)
+    balloon_guest.wait_actual(GUEST_MIB * MiB, timeout=60)
     # ... and after they came back; then the guest can use all its memory again.
     assert agent.check("memhog ask /run/hog.sock sum", 60).startswith(f"sum={held_sum} bad_pages=0")
     assert agent.check("memhog ask /run/hog.sock release", 60).strip() == "released 96 MiB"

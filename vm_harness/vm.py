@@ -1,8 +1,9 @@
-"""A Linux guest under QEMU with vballoon (vhost-user) or QEMU's own balloon.
+"""The one QEMU launcher: a Linux guest with vballoon (vhost-user), QEMU's own balloon or none.
 
-Used by the VM tests, ``make demo`` and the VM benchmark. ``VM`` is a context
-manager that always tears everything down (QEMU, ``vballoon serve``, sockets),
-also when a step fails. QEMU's QMP and vballoon's control socket are both
+Used by the VM tests, ``vballoon demo``, the VM benchmark, the studies and the
+accelerator probe. ``VM`` is a context manager that always tears everything
+down (QEMU, ``vballoon serve``, sockets), also when a step fails; QEMU gets
+SIGKILL if the thread that started it dies first. QEMU's QMP and vballoon's control socket are both
 driven with ``qemu.qmp``; they answer the same balloon commands, so a test
 runs the same assertions against either balloon.
 
@@ -14,6 +15,8 @@ time of QEMU and vballoon from ``/proc/<pid>/stat``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import re
 import shutil
@@ -25,19 +28,29 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vballoon.guest_agent import GuestAgent
-from vballoon.testenv import TestEnv
+from vballoon.waiting import WaitTimeout, wait_until
+from vm_harness.guest_agent import GuestAgent
+from vm_harness.provision import KVM_PROBE_TIMEOUT, READY_MARKER, TestEnv, progress
+from vm_harness.resources import resource_dir
 
-CONFIGS = Path(__file__).resolve().parent.parent / "qemu-configs"
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 class VMError(RuntimeError):
     """Something about the VM did not go as it must (boot, command, wait)."""
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """:func:`vballoon.waiting.wait_until`, failing with :class:`VMError`."""
+    try:
+        return wait_until(predicate, timeout, what, interval)
+    except WaitTimeout as err:
+        raise VMError(str(err)) from None
 
 
 def config_args(name: str, values: dict[str, str]) -> list[str]:
@@ -46,7 +59,7 @@ def config_args(name: str, values: dict[str, str]) -> list[str]:
     :raise VMError: if a placeholder has no value.
     """
     out = []
-    for line in (CONFIGS / f"{name}.args").read_text().splitlines():
+    for line in (resource_dir("qemu-configs") / f"{name}.args").read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -61,18 +74,6 @@ def config_args(name: str, values: dict[str, str]) -> list[str]:
     return out
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``pred`` until it returns something truthy; its value, or VMError after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise VMError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), or of one ``thread``."""
     path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
@@ -85,7 +86,8 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 class VMOptions:
     """How to build one VM."""
 
-    balloon: Literal["vballoon", "qemu"] = "vballoon"
+    #: ``none``: no balloon device at all (e.g. the accelerator probe)
+    balloon: Literal["vballoon", "qemu", "none"] = "vballoon"
     mem_mib: int = 1024
     cpus: int = 1
     memory: Literal["memfd", "hugetlbfs"] = "memfd"
@@ -100,6 +102,8 @@ class VMOptions:
     boot_timeout: float = 120.0
     #: boot this initramfs instead of the test environment's (e.g. one with extra modules)
     initramfs: str | None = None
+    #: ``kvm`` or ``tcg`` instead of the test environment's probed accelerator
+    accel: str | None = None
 
 
 class VM:
@@ -146,7 +150,7 @@ class VM:
     def qemu_args(self) -> list[str]:
         o = self.opts
         values = {
-            "ACCEL": self.env.accel,
+            "ACCEL": o.accel or self.env.accel,
             "CPUS": str(o.cpus),
             "MEM_MIB": str(o.mem_mib),
             "KERNEL": str(self.env.kernel),
@@ -161,13 +165,14 @@ class VM:
             "BUILTIN_PROPS": "".join(f",{k}={v}" for k, v in o.builtin_props.items()),
         }
         args = config_args("base", values) + config_args(f"memory-{o.memory}", values)
-        args += config_args(
-            "balloon-vhost-user" if o.balloon == "vballoon" else "balloon-builtin", values
-        )
+        if o.balloon == "vballoon":
+            args += config_args("balloon-vhost-user", values)
+        elif o.balloon == "qemu":
+            args += config_args("balloon-builtin", values)
         return args
 
-    def start(self) -> None:
-        """Start vballoon (if used), then QEMU, then wait until the guest's agent answers."""
+    def launch(self) -> None:
+        """Start vballoon (if used), then QEMU; do not wait for the guest."""
         if self.opts.balloon == "vballoon":
             self._start_vballoon()
         with open(self._qemu_err, "wb") as err:
@@ -176,7 +181,12 @@ class VM:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
             )
+
+    def start(self) -> None:
+        """:meth:`launch`, connect to QMP, then wait until the guest's agent answers."""
+        self.launch()
         wait_for(lambda: os.path.exists(self.qmp_sock) or self._qemu_died(), 30, "QEMU's QMP")
         self._check_alive("starting")
         self.qmp = QEMUMonitorProtocol(self.qmp_sock)
@@ -212,16 +222,31 @@ class VM:
             self.backend = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
+        backend = self.backend
         wait_for(
-            lambda: os.path.exists(self.control_sock) or self.backend.poll() is not None,
+            lambda: os.path.exists(self.control_sock) or backend.poll() is not None,
             30,
             "vballoon serve",
         )
-        if self.backend.poll() is not None:
+        if backend.poll() is not None:
             raise VMError(f"vballoon serve exited: {self.vballoon_log.read_text()}")
 
     def _qemu_died(self) -> bool:
         return self.qemu is not None and self.qemu.poll() is not None
+
+    def console(self) -> str:
+        """What the guest printed on its console so far."""
+        try:
+            return self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def qemu_stderr(self) -> str:
+        """What QEMU printed so far."""
+        try:
+            return self._qemu_err.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def _check_alive(self, what: str) -> None:
         if self._qemu_died():
@@ -246,16 +271,18 @@ class VM:
             with contextlib.suppress(Exception):
                 self.agent.close()
             self.agent = None
+        asked_to_quit = False
         if self.qmp is not None and self.qemu is not None and self.qemu.poll() is None:
             with contextlib.suppress(Exception):
                 self.qmp.cmd_raw("quit")
+                asked_to_quit = True
         for mon in {id(m): m for m in (self.ctl, self.qmp) if m is not None}.values():
             with contextlib.suppress(Exception):
                 mon.close()
         self.qmp = self.ctl = None
         # QEMU was asked to quit and gets time for it; vballoon is told at once (SIGTERM
         # is its normal shutdown, and it would wait forever for a next frontend).
-        for proc, grace in ((self.qemu, 5.0), (self.backend, 0.0)):
+        for proc, grace in ((self.qemu, 5.0 if asked_to_quit else 0.0), (self.backend, 0.0)):
             if proc is None or proc.poll() is not None:
                 continue
             if grace:
@@ -324,7 +351,10 @@ class VM:
 
     def vballoon_info(self) -> dict[str, Any]:
         resp = self._ctl("query-vballoon")
-        return resp["return"]
+        if "error" in resp:
+            raise VMError(f"query-vballoon: {resp['error']}")
+        info: dict[str, Any] = resp["return"]
+        return info
 
     # -- host-side readings --------------------------------------------------------------
 
@@ -358,3 +388,93 @@ def running_vm(env: TestEnv, **kw: Any) -> Iterator[VM]:
     """``with running_vm(env, balloon="qemu", mem_mib=1024) as vm:``"""
     with VM(env, VMOptions(**kw)) as vm:
         yield vm
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the launching thread dies (no stray QEMU if the
+    test process is killed before its teardown runs)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+# -- the accelerator probe ---------------------------------------------------------------
+
+#: QEMU messages that end a KVM probe early (the vCPU is dead, waiting is pointless).
+_KVM_FATAL = ("KVM internal error", "emulation failure", "failed to initialize kvm")
+
+
+def _kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _boots(vm: VM, timeout: float) -> bool:
+    """Whether the guest prints its readiness marker before ``timeout`` (or dies first)."""
+
+    def settled() -> bool:
+        if READY_MARKER in vm.console() or vm._qemu_died():
+            return True
+        return any(m in vm.qemu_stderr() for m in _KVM_FATAL)
+
+    with contextlib.suppress(VMError):
+        wait_for(settled, timeout, "the KVM probe guest", interval=0.1)
+    return READY_MARKER in vm.console()
+
+
+def probe_accel(env: TestEnv, *, force: bool = False, timeout: float = KVM_PROBE_TIMEOUT) -> str:
+    """``"kvm"`` if the test guest boots to its readiness marker with KVM, else ``"tcg"``.
+
+    The answer is cached in ``<cache>/accel.json`` for this QEMU, kernel and host kernel.
+    """
+    override = os.environ.get("VBALLOON_ACCEL")
+    if override in ("kvm", "tcg"):
+        return override
+    key = {
+        "qemu": env.qemu_version,
+        "kernel": env.kernel_version,
+        "host": os.uname().release,
+        "kvm_dev": os.path.exists("/dev/kvm"),
+    }
+    cache_file = env.cache / "accel.json"
+    if not force:
+        with contextlib.suppress(OSError, ValueError):
+            cached = json.loads(cache_file.read_text())
+            if cached.get("key") == key and cached.get("accel") in ("kvm", "tcg"):
+                return str(cached["accel"])
+    accel, why = "tcg", "no usable /dev/kvm"
+    if env.initramfs is None:
+        return "tcg"  # no image to probe with: do not cache a guess
+    if _kvm_usable():
+        progress(f"probing KVM: booting the guest with -accel kvm (up to {timeout:.0f} s)")
+        t0 = time.monotonic()
+        opts = VMOptions(balloon="none", mem_mib=512, load_balloon=False, accel="kvm")
+        vm = VM(env, opts)
+        try:
+            vm.launch()
+            ok = _boots(vm, timeout)
+            said = [
+                ln.strip()
+                for ln in vm.qemu_stderr().splitlines()
+                if any(m in ln for m in _KVM_FATAL) or "error" in ln.lower()
+            ]
+        finally:
+            vm.stop()
+        if ok:
+            accel, why = "kvm", f"guest ready in {time.monotonic() - t0:.1f} s"
+        else:
+            qlog = " | ".join(said[:2]) or "nothing"
+            why = (
+                f"the guest did not boot under KVM (gave up after {time.monotonic() - t0:.1f} s"
+                f" of {timeout:.0f}; QEMU said: {qlog[-160:]})"
+            )
+    progress(f"accelerator: {accel} ({why})")
+    tmp = cache_file.with_name("accel.json.tmp")
+    tmp.write_text(json.dumps({"key": key, "accel": accel, "why": why}, indent=1))
+    os.replace(tmp, cache_file)
+    return accel

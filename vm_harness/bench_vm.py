@@ -18,8 +18,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from vballoon.testenv import TestEnv
-from vballoon.vm import VM, VMOptions, cpu_seconds, wait_for
+from vm_harness.provision import TestEnv
+from vm_harness.vm import VM, VMOptions, cpu_seconds, wait_for
 
 MiB = 1 << 20
 
@@ -88,7 +88,7 @@ def run_vm_bench(
             results[balloon].append(one_run(env, balloon, mem_mib, target_mib))
 
     def med(balloon: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in results[balloon])
+        return float(statistics.median(getattr(r, attr) for r in results[balloon]))
 
     out: dict[str, object] = {}
     for key, attr in (

@@ -7,7 +7,7 @@ kernel. :func:`initramfs_with_module` appends the module (at :data:`GUEST_KO`) a
 hook that mounts debugfs to the test initramfs. The module is not loaded at boot:
 ``insmod`` it in the guest (:class:`ReportModule` does, through ``vm.run``).
 
-CLI: ``python -m vballoon.guest_module [build|initramfs]`` prints the path.
+CLI: ``python -m vm_harness.guest_module [build|initramfs]`` prints the path.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from vballoon.testenv import CHECKOUT, TestEnv, concat_initramfs, ensure_testenv, write_cpio
+from vm_harness.provision import TestEnv, concat_initramfs, write_cpio
+from vm_harness.resources import resource_dir
+from vm_harness.testenv import ensure_testenv
 
-#: The module's sources.
-SOURCE_DIR = CHECKOUT / "guest_driver_c"
+#: The module's sources; None: the checkout's or the installed package's ``guest_driver_c``.
+SOURCE_DIR: Path | None = None
 MODULE = "vballoon_report"
 #: Where the module sits in the guest.
 GUEST_KO = f"/lib/vballoon/{MODULE}.ko"
@@ -52,14 +54,20 @@ class ModuleBuildError(RuntimeError):
     """The module did not build (or built with warnings); the message has the output."""
 
 
+def source_dir() -> Path:
+    """Where the module's sources are read from."""
+    return SOURCE_DIR if SOURCE_DIR is not None else resource_dir("guest_driver_c")
+
+
 def _sources() -> list[Path]:
+    src = source_dir()
     files = sorted(
         p
-        for p in SOURCE_DIR.iterdir()
+        for p in src.iterdir()
         if p.is_file() and (p.suffix in (".c", ".h") or p.name in ("Kbuild", "Makefile"))
     )
     if not any(p.suffix == ".c" for p in files):
-        raise ModuleBuildError(f"no C sources in {SOURCE_DIR}")
+        raise ModuleBuildError(f"no C sources in {src}")
     return files
 
 
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     what = args[0] if args else "build"
     if what not in ("build", "initramfs"):
-        print("usage: python -m vballoon.guest_module [build|initramfs]", file=sys.stderr)
+        print("usage: python -m vm_harness.guest_module [build|initramfs]", file=sys.stderr)
         return 2
     env = ensure_testenv()
     try:

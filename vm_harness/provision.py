@@ -1,7 +1,8 @@
-"""Test environment for the VM tests: QEMU >= 10.2, a Linux 6.12 guest, a busybox initramfs.
+"""Provisioning the VM test environment: QEMU >= 10.2, a Linux 6.12 guest, a busybox initramfs.
 
-``ensure_testenv()`` provisions everything idempotently into a cache directory
-(``$VBALLOON_TESTENV``, default ``<checkout>/.testenv``) and returns a :class:`TestEnv`:
+:func:`provision` builds everything idempotently into a cache directory
+(``$VBALLOON_TESTENV``, default ``~/.cache/vballoon/testenv``) and describes it as a
+:class:`TestEnv` (``vm_harness.testenv.ensure_testenv`` adds the accelerator probe):
 
 1. QEMU: a system ``qemu-system-x86_64`` >= 10.2 if there is one; otherwise QEMU 11.1 from
    trixie-backports inside the root below, run from the host through the root's loader.
@@ -12,21 +13,15 @@
    (``scripts/guest/init``), the decompressed ``virtio_balloon.ko`` and our static guest tools
    ``memhog`` and ``vbagent`` (``scripts/guest/*.c``, built with the host's gcc). Rebuilt when
    any input changes (the inputs' hash is the stamp).
-4. The accelerator: ``kvm`` only if a guest really boots with it within 20 s, else ``tcg``;
-   the answer is cached in ``<cache>/accel.json`` (override: ``$VBALLOON_ACCEL``).
 
 Each step writes its stamp in ``<cache>/stamps/`` only when it fully succeeded; a lock file
-(``<cache>/lock``) serialises concurrent runs. Failures raise :class:`ProvisionError`, whose
-message is one line: the reason and what to install by hand.
+(``<cache>/lock``, :class:`Lock`) serialises concurrent runs. Failures raise
+:class:`ProvisionError`, whose message is one line: the reason and what to install by hand.
 
-Booting: :func:`guest_qemu_args` builds the QEMU command line (kernel, initramfs, console on
-ttyS0 to a file, the agent on ttyS1 to a unix socket); :func:`launch_guest` runs it and always
-tears QEMU down. Kernel command line switches understood by ``/init``: ``vballoon.load_balloon=1``
+Kernel command line switches understood by ``/init``: ``vballoon.load_balloon=1``
 (insmod virtio_balloon), ``vballoon.noagent=1``. Extra files can be added to a boot with
 :func:`write_cpio` + :func:`concat_initramfs` (scripts in ``/etc/vballoon.d/*.sh`` run before
-readiness).
-
-CLI: ``python -m vballoon.testenv {provision,guest,probe,info}``.
+readiness). Booting is :class:`vm_harness.vm.VM`'s.
 """
 
 from __future__ import annotations
@@ -41,19 +36,16 @@ import lzma
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The repository checkout this module lives in.
-CHECKOUT = Path(__file__).resolve().parent.parent
-#: Guest-side sources (init script and C tools).
-GUEST_SRC = CHECKOUT / "scripts" / "guest"
+from vm_harness.resources import resource_dir, user_cache_dir
+
 #: Printed on the console (ttyS0) by /init when the guest is set up and the agent runs.
 READY_MARKER = "VBALLOON-GUEST-READY"
 #: Oldest system QEMU that has ``vhost-user-test-device-pci``.
@@ -140,14 +132,15 @@ class TestEnv:
 # ---------------------------------------------------------------- small helpers
 
 
-def _log(msg: str) -> None:
+def progress(msg: str) -> None:
+    """One progress line on stderr (provisioning takes minutes on a new machine)."""
     print(f"testenv: {msg}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
-    """``$VBALLOON_TESTENV`` or ``<checkout>/.testenv``."""
+    """``$VBALLOON_TESTENV``, else ``testenv`` in the user's cache directory."""
     env = os.environ.get("VBALLOON_TESTENV")
-    return Path(env).resolve() if env else CHECKOUT / ".testenv"
+    return Path(env).resolve() if env else user_cache_dir() / "testenv"
 
 
 def _run_logged(cmd: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None) -> int:
@@ -254,18 +247,18 @@ def root_qemu_cmd(root: Path) -> list[str]:
     ]
 
 
-class _Lock:
+class Lock:
     """An exclusive flock on ``<cache>/lock`` (blocking, with a message when it waits)."""
 
     def __init__(self, cache: Path) -> None:
         cache.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(cache / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    def __enter__(self) -> _Lock:
+    def __enter__(self) -> Lock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log("waiting for another provisioning run to finish (lock held)")
+            progress("waiting for another provisioning run to finish (lock held)")
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
@@ -276,9 +269,10 @@ class _Lock:
 
 def _read_stamp(cache: Path, name: str) -> dict[str, object] | None:
     try:
-        return json.loads((cache / "stamps" / f"{name}.json").read_text())
+        data = json.loads((cache / "stamps" / f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _write_stamp(cache: Path, name: str, data: Mapping[str, object]) -> None:
@@ -325,8 +319,8 @@ def _need_root(what: str) -> None:
     if os.geteuid() != 0:
         raise ProvisionError(
             f"{what} needs root (debootstrap and chroot)",
-            "run `sudo scripts/provision`, or install qemu-system-x86 >= 10.2 and a 6.12 kernel "
-            "by hand",
+            "run it once as root (sudo python -m vm_harness provision, or sudo make test from "
+            "a checkout), or install qemu-system-x86 >= 10.2 and a 6.12 kernel by hand",
         )
 
 
@@ -340,7 +334,7 @@ def _ensure_debootstrap(cache: Path) -> str:
         raise ProvisionError(
             "debootstrap is missing and there is no apt-get", "install debootstrap"
         )
-    _log("installing debootstrap on the host (apt-get update; apt-get install debootstrap)")
+    progress("installing debootstrap on the host (apt-get update; apt-get install debootstrap)")
     log = cache / "logs" / "host-apt.log"
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     if _run_logged(["apt-get", "update"], log, env=env) != 0:
@@ -368,7 +362,7 @@ def _ensure_root(cache: Path) -> Path:
     _remove_tree(partial)
     _remove_tree(root)
     log = cache / "logs" / "debootstrap.log"
-    _log(f"debootstrap {SUITE} from {mirror} into {root} (about a minute; log {log})")
+    progress(f"debootstrap {SUITE} from {mirror} into {root} (about a minute; log {log})")
     t0 = time.monotonic()
     rc = _run_logged([debootstrap, "--variant=minbase", SUITE, str(partial), mirror], log)
     if rc != 0:
@@ -378,7 +372,7 @@ def _ensure_root(cache: Path) -> Path:
         )
     os.replace(partial, root)
     _write_stamp(cache, "root", {"suite": SUITE, "mirror": mirror})
-    _log(f"debootstrap done in {time.monotonic() - t0:.0f} s")
+    progress(f"debootstrap done in {time.monotonic() - t0:.0f} s")
     return root
 
 
@@ -403,7 +397,7 @@ def _ensure_packages(cache: Path, root: Path, with_qemu: bool) -> None:
     log = cache / "logs" / "packages.log"
     env = {"DEBIAN_FRONTEND": "noninteractive", "INITRD": "No", "LC_ALL": "C"}
     hint = f"chroot {root} apt-get install " + " ".join(packages)
-    _log(f"installing into the root: {' '.join(packages)} (about a minute; log {log})")
+    progress(f"installing into the root: {' '.join(packages)} (about a minute; log {log})")
     t0 = time.monotonic()
     # Finish whatever a killed earlier run left half-installed (a no-op otherwise).
     _run_logged(["chroot", str(root), "dpkg", "--configure", "-a"], log, env=env)
@@ -414,7 +408,7 @@ def _ensure_packages(cache: Path, root: Path, with_qemu: bool) -> None:
         raise _fail_from_log("apt-get install in the root", log, hint)
     _run_logged(["chroot", str(root), "apt-get", "clean"], log, env=env)
     _write_stamp(cache, "packages", {"packages": packages, "mirror": mirror})
-    _log(f"packages installed in {time.monotonic() - t0:.0f} s")
+    progress(f"packages installed in {time.monotonic() - t0:.0f} s")
 
 
 def _find_kernel(root: Path) -> tuple[Path, str]:
@@ -504,10 +498,11 @@ def _guest_inputs(root: Path, kernel_version: str) -> dict[str, Path]:
     busybox = root / "usr/bin/busybox"
     if not busybox.exists():
         busybox = root / "bin/busybox"
+    guest_src = resource_dir("guest")
     inputs = {
-        "init": GUEST_SRC / "init",
-        "memhog.c": GUEST_SRC / "memhog.c",
-        "vbagent.c": GUEST_SRC / "vbagent.c",
+        "init": guest_src / "init",
+        "memhog.c": guest_src / "memhog.c",
+        "vbagent.c": guest_src / "vbagent.c",
         "busybox": busybox,
         "virtio_balloon": mod_xz if mod_xz.exists() else mod_plain,
     }
@@ -561,7 +556,7 @@ def _ensure_guest(cache: Path, root: Path, kernel_version: str) -> Path:
         return out
     _clear_stamp(cache, "guest")
     t0 = time.monotonic()
-    _log("building the guest image (memhog, vbagent, busybox initramfs)")
+    progress("building the guest image (memhog, vbagent, busybox initramfs)")
     build = cache / "guest" / "build"
     build.mkdir(parents=True, exist_ok=True)
     for tool in ("memhog", "vbagent"):
@@ -603,319 +598,51 @@ def _ensure_guest(cache: Path, root: Path, kernel_version: str) -> Path:
     tmp.write_bytes(gzip.compress(_cpio_bytes(entries), compresslevel=6, mtime=0))
     os.replace(tmp, out)
     _write_stamp(cache, "guest", {"hash": digest, "kernel": kernel_version})
-    _log(f"guest image {out} built in {time.monotonic() - t0:.1f} s")
+    progress(f"guest image {out} built in {time.monotonic() - t0:.1f} s")
     return out
 
 
-# ---------------------------------------------------------------- booting
+def provision(cache: Path, *, build_guest: bool = True) -> TestEnv:
+    """Provision (or reuse) everything in ``cache`` and describe it; hold :class:`Lock` first.
 
+    ``accel`` is ``"tcg"`` here (the probe boots a guest: ``vm_harness.vm.probe_accel``).
+    With ``build_guest=False`` the guest image is not built: ``initramfs`` is None.
 
-def guest_qemu_args(
-    env: TestEnv,
-    *,
-    console_log: Path,
-    agent_sock: Path | None,
-    memory_mib: int = 512,
-    smp: int = 1,
-    append: str = "",
-    accel: str | None = None,
-    initramfs: Path | None = None,
-) -> list[str]:
-    """The QEMU command line for the test guest; append devices (``-device ...``) to it.
-
-    q35 with its RAM on a shared memfd (``memory-backend-memfd,id=mem,share=on``, so a
-    vhost-user back-end can map it), no default devices, no display, no reboot (a guest
-    panic or reboot ends QEMU). The console (ttyS0) goes to ``console_log``; ttyS1 is a
-    unix socket server at ``agent_sock`` for :class:`vballoon.guest_agent.GuestAgent`.
-    ``append`` adds kernel command line words (e.g. ``vballoon.load_balloon=1``).
+    :raise ProvisionError: with the reason and what to do by hand.
     """
-    image = initramfs or env.initramfs
-    if image is None:
-        raise ValueError(
-            "the test environment has no guest image (ensure_testenv(build_guest=True))"
-        )
-    cmdline = f"console=ttyS0,115200 panic=-1 loglevel=6 {append}".strip()
-    args = [
-        *env.qemu_cmd,
-        "-machine", "q35,memory-backend=mem",
-        "-accel", accel or env.accel,
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
-        "-m", f"{memory_mib}M",
-        "-smp", str(smp),
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(env.kernel),
-        "-initrd", str(image),
-        "-append", cmdline,
-        "-serial", f"file:{console_log}",
-    ]  # fmt: skip
-    if agent_sock is not None:
-        args += [
-            "-chardev", f"socket,id=agent,path={agent_sock},server=on,wait=off",
-            "-serial", "chardev:agent",
-        ]  # fmt: skip
-    return args
-
-
-@dataclass
-class Guest:
-    """A running test guest (see :func:`launch_guest`)."""
-
-    proc: subprocess.Popen[bytes]
-    console_log: Path
-    agent_sock: Path | None
-    qemu_log: Path
-
-    def console(self) -> str:
-        try:
-            return self.console_log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_console(self, marker: str, timeout: float) -> bool:
-        """Wait until ``marker`` shows on the console; False on timeout or QEMU exit."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in self.console():
-                return True
-            if self.proc.poll() is not None:
-                return marker in self.console()
-            time.sleep(0.05)
-        return False
-
-
-def stop_qemu(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """Terminate QEMU (SIGTERM, then SIGKILL after ``grace``) and reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the launching thread dies (no stray QEMU if the
-    test process is killed before its teardown runs)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
-@contextlib.contextmanager
-def launch_guest(
-    env: TestEnv,
-    workdir: Path,
-    extra_args: Sequence[str] = (),
-    *,
-    agent: bool = True,
-    **kwargs: object,
-) -> Iterator[Guest]:
-    """Start the test guest in ``workdir`` (console.log, agent.sock, qemu.log) and always
-    stop it on exit. ``kwargs`` go to :func:`guest_qemu_args`. Does not wait for readiness:
-    use ``GuestAgent(guest.agent_sock).wait_ready()`` or ``guest.wait_console(READY_MARKER)``.
-    QEMU gets SIGKILL if the calling thread dies first, so call it from a thread that
-    outlives the guest.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    console_log = workdir / "console.log"
-    agent_sock = workdir / "agent.sock" if agent else None
-    qemu_log = workdir / "qemu.log"
-    for p in (console_log, agent_sock):
-        if p is not None:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-    args = guest_qemu_args(env, console_log=console_log, agent_sock=agent_sock, **kwargs)  # type: ignore[arg-type]
-    args += list(extra_args)
-    with qemu_log.open("wb") as logf:
-        logf.write((" ".join(args) + "\n").encode())
-        logf.flush()
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            preexec_fn=_die_with_parent,
-        )
-    try:
-        yield Guest(proc, console_log, agent_sock, qemu_log)
-    finally:
-        stop_qemu(proc)
-
-
-# ---------------------------------------------------------------- accelerator probe
-
-
-def _kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-#: QEMU messages that end a KVM probe early (the vCPU is dead, waiting is pointless).
-_KVM_FATAL = ("KVM internal error", "emulation failure", "failed to initialize kvm")
-
-
-def _wait_kvm_boot(g: Guest, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if READY_MARKER in g.console():
-            return True
-        if g.proc.poll() is not None:
-            break
-        with contextlib.suppress(OSError):
-            if any(m in g.qemu_log.read_text(errors="replace") for m in _KVM_FATAL):
-                break
-        time.sleep(0.1)
-    return READY_MARKER in g.console()
-
-
-def probe_accel(env: TestEnv, *, force: bool = False, timeout: float = KVM_PROBE_TIMEOUT) -> str:
-    """``"kvm"`` if the test guest boots to its readiness marker with KVM, else ``"tcg"``.
-
-    The answer is cached in ``<cache>/accel.json`` for this QEMU, kernel and host kernel.
-    """
-    override = os.environ.get("VBALLOON_ACCEL")
-    if override in ("kvm", "tcg"):
-        return override
-    key = {
-        "qemu": env.qemu_version,
-        "kernel": env.kernel_version,
-        "host": os.uname().release,
-        "kvm_dev": os.path.exists("/dev/kvm"),
-    }
-    cache_file = env.cache / "accel.json"
-    if not force:
-        with contextlib.suppress(OSError, ValueError):
-            cached = json.loads(cache_file.read_text())
-            if cached.get("key") == key and cached.get("accel") in ("kvm", "tcg"):
-                return str(cached["accel"])
-    accel, why = "tcg", "no usable /dev/kvm"
-    if _kvm_usable() and env.initramfs is not None:
-        _log(f"probing KVM: booting the guest with -accel kvm (up to {timeout:.0f} s)")
-        workdir = env.cache / "probe"
-        t0 = time.monotonic()
-        with launch_guest(env, workdir, agent=False, accel="kvm") as g:
-            ok = _wait_kvm_boot(g, timeout)
-        if ok:
-            accel, why = "kvm", f"guest ready in {time.monotonic() - t0:.1f} s"
-        else:
-            said = [
-                ln.strip()
-                for ln in _tail(workdir / "qemu.log", 400).splitlines()[1:]
-                if any(m in ln for m in _KVM_FATAL) or "error" in ln.lower()
-            ]
-            qlog = " | ".join(said[:2]) or _tail(workdir / "qemu.log", 1)
-            why = (
-                f"the guest did not boot under KVM (gave up after {time.monotonic() - t0:.1f} s"
-                f" of {timeout:.0f}; QEMU said: {qlog[-160:]})"
-            )
-    elif env.initramfs is None:
-        return "tcg"  # no image to probe with: do not cache a guess
-    _log(f"accelerator: {accel} ({why})")
-    tmp = cache_file.with_name("accel.json.tmp")
-    tmp.write_text(json.dumps({"key": key, "accel": accel, "why": why}, indent=1))
-    os.replace(tmp, cache_file)
-    return accel
-
-
-# ---------------------------------------------------------------- entry points
-
-
-def ensure_testenv(*, build_guest: bool = True) -> TestEnv:
-    """Provision (or reuse) everything and describe it. Raises :class:`ProvisionError`.
-
-    With ``build_guest=False`` the guest image is neither built nor used for the KVM
-    probe: ``initramfs`` is None and ``accel`` is the cached probe answer or ``"tcg"``.
-    """
-    cache = cache_dir()
-    with _Lock(cache):
-        t0 = time.monotonic()
-        system = _system_qemu()
-        root = _ensure_root(cache)
-        _ensure_packages(cache, root, with_qemu=system is None)
-        if system is not None:
-            qemu_cmd, qemu_version = system
-        else:
-            qemu_cmd = root_qemu_cmd(root)
-            found = _qemu_version(qemu_cmd)
-            if found is None:
-                _clear_stamp(cache, "packages")
-                raise ProvisionError(
-                    f"QEMU in {root} does not run from the host",
-                    "run provision again, or install qemu-system-x86 >= 10.2 on the host",
-                )
-            qemu_version = found
-        kernel, kernel_version = _find_kernel(root)
-        headers = Path(f"/usr/src/linux-headers-{kernel_version}")
-        if not (root / headers.relative_to("/")).is_dir():
+    system = _system_qemu()
+    root = _ensure_root(cache)
+    _ensure_packages(cache, root, with_qemu=system is None)
+    if system is not None:
+        qemu_cmd, qemu_version = system
+    else:
+        qemu_cmd = root_qemu_cmd(root)
+        found = _qemu_version(qemu_cmd)
+        if found is None:
             _clear_stamp(cache, "packages")
             raise ProvisionError(
-                f"kernel headers {headers} missing in {root}",
-                f"chroot {root} apt-get install linux-headers-{kernel_version}",
+                f"QEMU in {root} does not run from the host",
+                "run provision again, or install qemu-system-x86 >= 10.2 on the host",
             )
-        initramfs = _ensure_guest(cache, root, kernel_version) if build_guest else None
-        env = TestEnv(
-            cache=cache,
-            root=root,
-            qemu_cmd=qemu_cmd,
-            qemu_version=qemu_version,
-            kernel=kernel,
-            kernel_version=kernel_version,
-            headers_dir=headers,
-            initramfs=initramfs,
-            accel="tcg",
-            modules_dir=root / "lib" / "modules" / kernel_version,
+        qemu_version = found
+    kernel, kernel_version = _find_kernel(root)
+    headers = Path(f"/usr/src/linux-headers-{kernel_version}")
+    if not (root / headers.relative_to("/")).is_dir():
+        _clear_stamp(cache, "packages")
+        raise ProvisionError(
+            f"kernel headers {headers} missing in {root}",
+            f"chroot {root} apt-get install linux-headers-{kernel_version}",
         )
-        env = dataclasses.replace(env, accel=probe_accel(env))
-        elapsed = time.monotonic() - t0
-        if elapsed > 5:
-            _log(f"test environment ready in {elapsed:.0f} s")
-        return env
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m vballoon.testenv",
-        description="Provision the vballoon VM test environment "
-        f"(cache: $VBALLOON_TESTENV or {CHECKOUT / '.testenv'}).",
+    initramfs = _ensure_guest(cache, root, kernel_version) if build_guest else None
+    return TestEnv(
+        cache=cache,
+        root=root,
+        qemu_cmd=qemu_cmd,
+        qemu_version=qemu_version,
+        kernel=kernel,
+        kernel_version=kernel_version,
+        headers_dir=headers,
+        initramfs=initramfs,
+        accel="tcg",
+        modules_dir=root / "lib" / "modules" / kernel_version,
     )
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("provision", help="provision everything (idempotent)")
-    p.add_argument("--no-guest", action="store_true", help="do not build the guest image")
-    sub.add_parser("guest", help="(re)build the guest image if its inputs changed; print its path")
-    p = sub.add_parser("probe", help="probe the accelerator (kvm or tcg) again")
-    p.add_argument("--timeout", type=float, default=KVM_PROBE_TIMEOUT)
-    sub.add_parser("info", help="provision if needed and print the environment as JSON")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "provision":
-            env = ensure_testenv(build_guest=not args.no_guest)
-            for k, v in env.to_json().items():
-                print(f"{k:14} {' '.join(v) if isinstance(v, list) else v}")
-        elif args.cmd == "guest":
-            print(ensure_testenv().initramfs)
-        elif args.cmd == "probe":
-            env = ensure_testenv()
-            with _Lock(env.cache):
-                print(probe_accel(env, force=True, timeout=args.timeout))
-        elif args.cmd == "info":
-            print(json.dumps(ensure_testenv().to_json(), indent=1))
-    except ProvisionError as err:
-        print(f"vballoon testenv: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

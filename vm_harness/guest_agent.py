@@ -259,7 +259,7 @@ class GuestAgent:
 
         The serial link carries only about 20 KB/s towards the guest under TCG (the data
         goes gzip'ed); add big files (modules) to the boot instead
-        (:func:`vballoon.testenv.write_cpio`, :func:`vballoon.testenv.concat_initramfs`).
+        (:func:`vm_harness.provision.write_cpio`, :func:`vm_harness.provision.concat_initramfs`).
         """
         q = "'" + guest_path.replace("'", "'\\''") + "'"
         self.check(
