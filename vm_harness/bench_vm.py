@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from vballoon.bench import machine
 from vm_harness.provision import TestEnv
 from vm_harness.vm import VM, VMOptions, cpu_seconds, wait_for
 
@@ -117,6 +118,7 @@ def run_vm_bench(
         "qemu": env.qemu_version,
         "kernel": env.kernel_version,
     }
+    out["machine"] = machine()
     out["device_cpu_note"] = (
         "vballoon: the vballoon serve process; QEMU: its main thread, "
         "where the built-in balloon runs (qemu_cpu: whole QEMU process)"
@@ -132,6 +134,7 @@ def format_vm_table(result: dict[str, object]) -> str:
     lines = [
         f"vballoon bench vm: {g['mem_mib']} MiB guest, target {g['target_mib']} MiB, "
         f"{g['runs']} runs each, medians ({g['accel']}, QEMU {g['qemu']})",
+        "measured on {cpu}, {cores} cores, Linux {kernel}".format(**result["machine"]),  # type: ignore[arg-type]
         f"{'key':28} {'vballoon':>10} {'qemu':>10} {'ratio':>7}  goal",
     ]
     rows = (

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from device import BalloonConfig, ConfigError, Feature, HintState, Queue, Status
+from device import BalloonConfig, ConfigError, Feature, HintState, Status
 from device.defs import CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, STAT_NAMES, StatTag
 from device.testing import FRAME_SIZE, GuestRam, MiB
 from tests.conftest import Rig, is_root
@@ -284,22 +284,6 @@ def test_config_read_write_rules(prig: Rig) -> None:
         dev.write_config(16, b"\0")
     with pytest.raises(ConfigError):
         dev.set_num_pages(1 << 32)
-
-
-def test_reset_empties_the_balloon_but_keeps_the_target(prig: Rig) -> None:
-    dev = prig.dev
-    changes: list[int] = []
-    dev.watch_actual(changes.append)
-    dev.set_num_pages(512)
-    prig.pfns("inflate", list(range(100, 612)))
-    dev.write_config(4, struct.pack("<I", 512))
-    assert dev.tracked_frames == 512
-    dev.reset()
-    assert dev.tracked_frames == 0 and not dev.is_ballooned(100 * FRAME_SIZE)
-    # The guest's balloon is gone with its driver; the target is the operator's.
-    assert (dev.num_pages, dev.actual, dev.read_status()) == (512, 0, 0)
-    assert changes == [512, 0]
-    assert dev.snapshot().active_queues == () and dev.layout.index(Queue.STATS) == 2
 
 
 def test_corrupt_ring_breaks_only_that_queue(prig: Rig) -> None:
