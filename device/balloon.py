@@ -26,7 +26,11 @@ Stop and reset
     the target (the operator's) stays. Both forget the frames the device recorded
     as ballooned (huge-page accumulation): keeping them across a guest reset the
     device could not see would later complete a huge page holding live data. So
-    the record is dropped whenever the last running queue stops, whatever stopped it.
+    the record is dropped whenever the last running queue stops, whatever stopped
+    it, and the device is then suspended: DRIVER_OK, a pending request for reset
+    and broken queues go; the negotiated features stay, so the transport restarts
+    it with :meth:`BalloonDevice.activate` (QEMU 11.1 resumes a vhost-user device
+    without renegotiating the status).
 
 Methods run in the caller's event loop; nothing here blocks except the discard
 syscalls themselves.
@@ -41,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from device.defs import FRAME_SIZE, Feature, Queue, Status
+from device.defs import FRAME_SIZE, PC_LEGACY_WINDOW, Feature, Queue, Status
 from device.discard import DiscardEngine
 from device.errors import ChainError, ConfigError, GuestError, RingError, RingUnmapped
 from device.handlers import (
@@ -109,6 +113,9 @@ class BalloonConfig:
     kick_budget: int = 1024
     #: discard syscalls per kick before yielding (a chain in progress always finishes)
     kick_syscall_budget: int = 4096
+    #: guest-physical (gpa, bytes) ranges that are never the guest's RAM, even where a
+    #: memory region covers them: never discarded, nor any backing page holding them
+    reserved_gpa: tuple[tuple[int, int], ...] = (PC_LEGACY_WINDOW,)
 
     def offered_features(self) -> int:
         """The feature bits this configuration offers."""
@@ -149,7 +156,9 @@ class BalloonDevice:
         self.hints = FreePageHints()
         self.offered_features = config.offered_features()
         self._interrupts: Interrupts = interrupts or NullInterrupts()
-        self._engine = DiscardEngine(self.metrics)
+        self._engine = DiscardEngine(self.metrics, config.reserved_gpa)
+        #: what the driver wrote; accepted (``_driver_features``) only at FEATURES_OK
+        self._written_features = 0
         self._driver_features = 0
         self._layout: QueueLayout = queue_layout(self.offered_features)
         self._status = 0
@@ -185,7 +194,7 @@ class BalloonDevice:
 
     @property
     def driver_features(self) -> int:
-        """The features the driver accepted (FEATURES_OK), or last wrote."""
+        """The features negotiated at FEATURES_OK (0 before, or when they were refused)."""
         return self._driver_features
 
     @property
@@ -310,7 +319,7 @@ class BalloonDevice:
                 self._driver_features,
             )
             return
-        self._driver_features = features
+        self._written_features = features
 
     def set_status(self, value: int) -> None:
         """A driver write to the status register, with the spec's rules (see the module doc)."""
@@ -325,7 +334,7 @@ class BalloonDevice:
             log.warning("driver cleared status bits %#x without a reset: ignored", int(cleared))
             new |= cleared
         newly = new & ~old
-        if newly & Status.FEATURES_OK and not self._accept_features():
+        if newly & Status.FEATURES_OK and not self._accept_features(self._written_features):
             new &= ~Status.FEATURES_OK
         if newly & Status.DRIVER_OK and not new & Status.FEATURES_OK:
             log.error("driver set DRIVER_OK without FEATURES_OK: the device needs a reset")
@@ -338,16 +347,20 @@ class BalloonDevice:
         if self.running and not old & Status.DRIVER_OK:
             self._start_running()
 
-    def _accept_features(self) -> bool:
-        """FEATURES_OK: fix the queue layout, or refuse features that were not offered."""
-        features = self._driver_features
+    def _accept_features(self, features: int) -> bool:
+        """FEATURES_OK: fix the queue layout, or refuse features that were not offered
+        (then nothing changes)."""
         extra = features & ~self.offered_features
         if extra:
             log.error(
                 "driver accepted features %#x that were not offered: FEATURES_OK refused", extra
             )
             return False
+        self._driver_features = features
         self._layout = queue_layout(features)
+        # Completing a huge page with frames of earlier requests is safe only while the
+        # driver waits for each deflate before reusing its pages.
+        self._engine.across_requests = bool(features & Feature.MUST_TELL_HOST)
         offered_layout = queue_layout(self.offered_features)
         if self._layout != offered_layout:
             log.info(
@@ -359,7 +372,11 @@ class BalloonDevice:
         return True
 
     def _start_running(self) -> None:
-        """DRIVER_OK: buffers queued before it (Linux primes stats) are processed now."""
+        """DRIVER_OK: buffers queued before it (Linux primes stats) are processed now.
+
+        A transport that drives queues through a :class:`device.runner.QueueRunner` calls
+        its ``notify_all()`` after a status write too, for the runner's follow-up work.
+        """
         for index in list(self._queues):
             self.queue_notify(index)
 
@@ -374,13 +391,12 @@ class BalloonDevice:
         """
         if self._queues and self.running:
             raise ConfigError("features changed while queues run (stop the device first)")
+        extra = features & ~self.offered_features
+        if extra:
+            raise ConfigError(f"driver accepted features {extra:#x} that were not offered")
         self._status &= Status.DEVICE_NEEDS_RESET
-        self._driver_features = features
-        if not self._accept_features():
-            raise ConfigError(
-                f"driver accepted features {features & ~self.offered_features:#x} "
-                "that were not offered"
-            )
+        self._written_features = features
+        self._accept_features(features)
         self._status |= Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK
 
     def activate(self) -> None:
@@ -397,11 +413,12 @@ class BalloonDevice:
         """The transport stopped the device: the guest keeps its balloon (see the module doc).
 
         Queues still set up are dropped; a transport that needs their resume
-        points calls :meth:`stop_queue` for each first.
+        points calls :meth:`stop_queue` for each first. The status register is
+        cleared: the transport negotiates again before it restarts the device.
         """
         for index in list(self._queues):
             self.stop_queue(index)
-        self._forget_tracked("the device stopped")
+        self._suspend("the device stopped")
         self._status = Status(0)
 
     def reset(self) -> None:
@@ -414,9 +431,20 @@ class BalloonDevice:
         self.hints.stop()
         self._poison_val = 0
         self._status = Status(0)
-        self._driver_features = 0
+        self._written_features = self._driver_features = 0
         self._layout = queue_layout(self.offered_features)
+        self._engine.across_requests = False
         self._set_actual(0)
+
+    def _suspend(self, why: str) -> None:
+        """No queue runs any more: a VM pause, or a guest reset the transport cannot tell
+        from one. Forget the ballooned-frame record and what belonged to the running
+        device (DRIVER_OK, a request for reset, broken queues); keep the negotiated
+        features, so that the transport's next queue start and :meth:`activate` resume it.
+        """
+        self._forget_tracked(why)
+        self._status &= ~(Status.DRIVER_OK | Status.DEVICE_NEEDS_RESET)
+        self._broken.clear()
 
     def _forget_tracked(self, why: str) -> None:
         if self._engine.ballooned_frames:
@@ -476,7 +504,7 @@ class BalloonDevice:
                 except RingError as err:
                     log.warning("queue %d: held stats buffer not returned: %s", index, err)
         if not self._queues:
-            self._forget_tracked("every queue stopped")
+            self._suspend("every queue stopped")
         return q.next_avail
 
     def break_queue(self, index: int, reason: str) -> None:

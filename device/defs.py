@@ -23,6 +23,12 @@ MAX_PFN_BUFFER_BYTES = 1 << 20
 #: Largest device-readable part of a range report the device reads.
 MAX_RANGE_REPORT_BYTES = 256 * 1024
 
+#: The PC's legacy window, 640 KiB to 1 MiB (VGA memory, SMRAM, option ROMs, the BIOS and
+#: its shadow copy): never RAM the guest owns. QEMU rounds a vhost-user memory section
+#: out to its huge page and merges neighbours, so on hugetlbfs the first region covers
+#: 0-2 MiB, this window included. (gpa, bytes)
+PC_LEGACY_WINDOW = (0xA0000, 0x60000)
+
 #: Free-page-hint command ids (spec "Free Page Hinting"): 0 and 1 are reserved.
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1

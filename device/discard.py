@@ -41,17 +41,35 @@ def _popcount(bm: CData, size: int) -> int:
     return int.from_bytes(ffi.buffer(bm, 8 * _words(size)), "little").bit_count()
 
 
+#: What identifies one region's bitmap: gpa, size and the backing file (None: anonymous).
+_Key = tuple[int, int, tuple[int, int] | None]
+
+
 class DiscardEngine:
     """Owns the accelerator's region table, the ballooned-frame bitmaps and scratch.
 
     :param metrics: counters to add every call's results to
+    :param reserved: guest-physical byte ranges that are never the guest's RAM, even
+        where a region covers them: refused like frames outside RAM, and a backing
+        page holding any of their frames is never discarded
     """
 
-    def __init__(self, metrics: BalloonMetrics) -> None:
+    def __init__(self, metrics: BalloonMetrics, reserved: Sequence[tuple[int, int]] = ()) -> None:
         self.metrics = metrics
-        self._bitmaps: dict[tuple[int, int], CData] = {}
+        self._bitmaps: dict[_Key, CData] = {}
         self._regions_c: CData = ffi.NULL
         self._map = ffi.new("struct balloon_accel_map *")
+        extents = sorted(
+            (gpa // FRAME_SIZE, -(-(gpa + size) // FRAME_SIZE) - gpa // FRAME_SIZE)
+            for gpa, size in reserved
+            if size > 0
+        )
+        self._reserved_c = ffi.new("struct balloon_accel_extent[]", max(len(extents), 1))
+        for i, (start, count) in enumerate(extents):
+            self._reserved_c[i].start = start
+            self._reserved_c[i].count = count
+        self._map.reserved = self._reserved_c
+        self._map.nreserved = len(extents)
         self._scratch = ffi.new("uint32_t[]", PFN_BATCH)
         self._runs = ffi.new("struct balloon_accel_extent[]", PFN_BATCH)
         self._report_cap = lib.balloon_accel_report_scratch_extents(MAX_RANGE_REPORT_BYTES)
@@ -70,10 +88,10 @@ class DiscardEngine:
         table. Regions that disappear take their ballooned frames with them.
         """
         regions = list(mem) if mem is not None else []
-        keep: dict[tuple[int, int], CData] = {}
+        keep: dict[_Key, CData] = {}
         arr = ffi.new("struct balloon_accel_region[]", max(len(regions), 1))
         for i, r in enumerate(regions):
-            key = (r.gpa, r.size)
+            key = (r.gpa, r.size, r.backing)
             bm = self._bitmaps.get(key)
             if bm is None:
                 bm = ffi.new("uint64_t[]", _words(r.size))
@@ -100,9 +118,22 @@ class DiscardEngine:
         self._map.regions = arr
         self._map.nregions = len(regions)
 
+    @property
+    def across_requests(self) -> bool:
+        """Whether a huge backing page may be completed by frames of earlier requests
+        (safe only with MUST_TELL_HOST: the driver waits for each deflate)."""
+        return bool(self._map.flags & lib.BALLOON_ACCEL_MAP_ACROSS_REQUESTS)
+
+    @across_requests.setter
+    def across_requests(self, on: bool) -> None:
+        if on:
+            self._map.flags |= lib.BALLOON_ACCEL_MAP_ACROSS_REQUESTS
+        else:
+            self._map.flags &= ~lib.BALLOON_ACCEL_MAP_ACROSS_REQUESTS
+
     def forget_balloon(self) -> None:
         """The guest was reset: every frame is the guest's again; never re-discard them."""
-        for (_, size), bm in self._bitmaps.items():
+        for (_, size, _), bm in self._bitmaps.items():
             nbytes = 8 * _words(size)
             ffi.memmove(bm, bytes(nbytes), nbytes)
         self.ballooned_frames = 0
@@ -185,7 +216,7 @@ class DiscardEngine:
 
     def is_ballooned(self, gpa: int) -> bool:
         """Whether the frame holding ``gpa`` is in the balloon (for tests and queries)."""
-        for (start, size), bm in self._bitmaps.items():
+        for (start, size, _), bm in self._bitmaps.items():
             if start <= gpa < start + size:
                 f = (gpa - start) // FRAME_SIZE
                 return bool(bm[f // 64] >> (f % 64) & 1)

@@ -68,6 +68,9 @@ class MemoryRegion:
     view: memoryview = field(repr=False)
     hva: int = field(repr=False)
     _cbuf: object = field(repr=False, default=None)
+    #: (st_dev, st_ino) of the backing file, None without one: the same guest frames
+    #: on another file are other memory
+    backing: tuple[int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -93,10 +96,17 @@ def backing_page_size(fd: int) -> tuple[int, bool]:
 def _make_region(spec: RegionSpec) -> MemoryRegion:
     if spec.gpa % FRAME_SIZE or spec.size <= 0 or spec.size % FRAME_SIZE:
         raise ConfigError(f"region gpa={spec.gpa:#x} size={spec.size:#x} is not 4 KiB aligned")
-    if spec.gpa + spec.size > _U64_LIMIT:
-        raise ConfigError(f"region gpa={spec.gpa:#x} size={spec.size:#x} wraps the address space")
+    if spec.gpa + spec.size >= _U64_LIMIT:
+        # Ending at 2^64 would make its end 0 in 64-bit arithmetic.
+        raise ConfigError(f"region gpa={spec.gpa:#x} size={spec.size:#x} reaches 2^64")
+    backing = None
     if spec.fd >= 0:
         page_size, huge = backing_page_size(spec.fd)
+        try:
+            st = os.fstat(spec.fd)
+        except OSError as err:
+            raise ConfigError(f"fstat on fd {spec.fd} failed: {err.strerror}") from err
+        backing = (st.st_dev, st.st_ino)
     else:
         page_size, huge = FRAME_SIZE, False
     # Huge pages can only be punched whole: a region whose file offset or size is
@@ -135,6 +145,7 @@ def _make_region(spec: RegionSpec) -> MemoryRegion:
         view=view,
         hva=int(ffi.cast("uintptr_t", cbuf)),
         _cbuf=cbuf,
+        backing=backing,
     )
 
 

@@ -223,6 +223,30 @@ def inside(extent: Extent, ram: Iterable[Extent]) -> bool:
     return s >= end
 
 
+def split_by_ram(extent: Extent, ram: Iterable[Extent]) -> tuple[list[Extent], int]:
+    """The pieces of ``extent`` inside the ``ram`` frame ranges, and how many maximal
+    pieces lie outside them (each one a refused range to the device)."""
+    s, n = extent
+    end = s + n
+    inside_: list[Extent] = []
+    outside = 0
+    f = s
+    for rs, rn in merge_adjacent(sorted(ram)):
+        re_ = rs + rn
+        if re_ <= f:
+            continue
+        if rs >= end:
+            break
+        if rs > f:
+            outside += 1
+        lo, hi = max(f, rs), min(end, re_)
+        inside_.append((lo, hi - lo))
+        f = hi
+    if f < end:
+        outside += 1
+    return inside_, outside
+
+
 def check_report(buf: bytes, ram: Iterable[Extent]) -> Decoded:
     """A report as the device must judge it: decoded, then every block inside guest RAM."""
     ram = list(ram)

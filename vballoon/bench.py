@@ -36,12 +36,14 @@ from device._accel import ffi, lib
 from device.defs import FRAME_SIZE, LINUX_PFNS_PER_BUFFER
 from device.discard import DiscardEngine
 from device.testing import RING_GPA, DriverRing, GuestRam, guest_memory
+from vballoon.units import GiB, MiB
 from vballoon.waiting import WaitTimeout, wait_until
 
-MiB = 1 << 20
-GiB = 1 << 30
 #: Linux's PAGE_REPORTING_CAPACITY: entries in one free-page report.
 REPORT_CAPACITY = 32
+#: The first frame a PC guest can give: below 1 MiB sits the legacy window the device
+#: never discards (device.defs.PC_LEGACY_WINDOW). Every benchmark starts here.
+FIRST_FRAME = 0x100000 // FRAME_SIZE
 
 
 class BenchError(RuntimeError):
@@ -318,11 +320,11 @@ def run_discard_bench(size: int = GiB, repeat: int = 3, seed: int = 42) -> dict[
     b = DiscardBench(size)
     try:
         frames = b.frames
-        contig = list(range(frames))
+        contig = list(range(FIRST_FRAME, frames))
         shuffled = contig[:]
         random.Random(seed).shuffle(shuffled)
         block = 512  # 2 MiB
-        blocks = list(range(0, frames - frames % block, block))
+        blocks = list(range(block, frames - frames % block, block))
         random.Random(seed + 1).shuffle(blocks)
         contig_runs = coalesce_per_buffer(contig)
         scenarios = []
@@ -433,6 +435,7 @@ class VhostUserBench:
         import sys
 
         from vhost_user.frontend import FrontendRegion, VhostUserFrontend
+        from vhost_user.messages import F_PROTOCOL_FEATURES
 
         self.select = select
         self.size = size
@@ -472,7 +475,7 @@ class VhostUserBench:
         self.mem = GuestMemory([RegionSpec(RING_GPA, 16 * MiB, self.ring_map, self.ring_fd, 0)])
         self.fe = VhostUserFrontend(sock)
         features = self.fe.handshake() & (Feature.VERSION_1 | Feature.RING_EVENT_IDX)
-        self.fe.set_features(features | (1 << 30))
+        self.fe.set_features(features | F_PROTOCOL_FEATURES)
         uaddr = 0x7F00_0000_0000
         self.fe.set_mem_table(
             [
@@ -550,7 +553,7 @@ def run_vhost_user_bench(size: int = GiB, repeat: int = 5, busy_poll_us: int = 0
     """``vhost_user_vs_inprocess``: in-process wall time over vhost-user wall time."""
     import tempfile
 
-    pfns = list(range(size // FRAME_SIZE))
+    pfns = list(range(FIRST_FRAME, size // FRAME_SIZE))
     with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as tmp:
         local = DiscardBench(size)
         remote = VhostUserBench(size, tmp, busy_poll_us)

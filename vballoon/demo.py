@@ -16,8 +16,7 @@ import time
 from device import BalloonConfig, BalloonDevice, Queue
 from device.defs import FRAME_SIZE, LINUX_PFNS_PER_BUFFER
 from device.testing import RING_GPA, DriverRing, GuestRam, RecordingInterrupts, guest_memory
-
-MiB = 1 << 20
+from vballoon.units import MiB
 
 
 class _Guest:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
+MiB = 1 << 20
+GiB = 1 << 30
+
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -21,6 +26,8 @@ def parse_size(text: str) -> int:
         value = float(number) * SIZE_SUFFIXES[unit]
     except ValueError:
         raise SizeError(f"not a size: {text!r} (try 512M or 1G)") from None
+    if not math.isfinite(value):
+        raise SizeError(f"not a finite size: {text!r}")
     if value < 0:
         raise SizeError(f"size must not be negative: {text!r}")
     return int(value)

@@ -57,6 +57,13 @@ MAX_MEM_SLOTS = 32
 MAX_QUEUES = 6
 
 
+def _signal(eventfd: int | None) -> None:
+    """Write 1 to an eventfd (a full counter already wakes its reader)."""
+    if eventfd is not None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_write(eventfd, 1)
+
+
 def _close_fd(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
@@ -124,10 +131,7 @@ class _Interrupts:
         self.adapter = adapter
 
     def queue(self, index: int) -> None:
-        fd = self.adapter.vrings[index].call
-        if fd is not None:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_write(fd, 1)
+        _signal(self.adapter.vrings[index].call)
 
     def config(self) -> None:
         self.adapter.send_config_change()
@@ -206,8 +210,7 @@ class BalloonVhostUserBackend(VhostUserBackend):
         pass
 
     def reset_owner(self) -> None:
-        self._stop_all()
-        self.device.stop()
+        self._stop_device()
 
     def reset_device(self) -> None:
         self._stop_all()
@@ -215,8 +218,7 @@ class BalloonVhostUserBackend(VhostUserBackend):
 
     def set_status(self, status: int) -> None:
         if status == 0:
-            self._stop_all()
-            self.device.stop()
+            self._stop_device()
         else:
             self.device.set_status(status)
 
@@ -297,8 +299,10 @@ class BalloonVhostUserBackend(VhostUserBackend):
         return self.vrings[index]
 
     def set_vring_num(self, index: int, num: int) -> None:
-        if num == 0 or num > 32768 or num & (num - 1):
-            raise ProtocolError(f"vring {index} size {num} is not a power of two")
+        # The size may be the guest's choice: a bad one breaks that queue when it starts
+        # (SplitQueue checks it), it does not cost the VM its connection.
+        if num > 0xFFFF:
+            raise ProtocolError(f"vring {index} size {num} does not fit 16 bits")
         self._vring(index).num = num
 
     def set_vring_addr(self, addr: VringAddr) -> None:
@@ -393,12 +397,14 @@ class BalloonVhostUserBackend(VhostUserBackend):
             if v.started:
                 self._stop(i)
 
+    def _stop_device(self) -> None:
+        """Stop every ring (their bases are kept for the next start), then the device."""
+        self._stop_all()
+        self.device.stop()
+
     def _signal_err(self, index: int) -> None:
         """The driver broke queue ``index``: tell the frontend on the ring's error eventfd."""
-        fd = self.vrings[index].err
-        if fd is not None:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_write(fd, 1)
+        _signal(self.vrings[index].err)
 
     # -- config space and the backend channel -----------------------------------------
 
@@ -480,8 +486,7 @@ class BalloonVhostUserBackend(VhostUserBackend):
 
         What the guest holds (``actual``, the target, counters) stays with the device.
         """
-        self._stop_all()
-        self.device.stop()
+        self._stop_device()
         self.runner.close()
         for v in self.vrings:
             for fd in (v.kick, v.call, v.err):

@@ -122,6 +122,11 @@ class VhostUserDaemon:
 
     def _attach(self, sock: socket.socket) -> None:
         assert self.loop is not None
+        # A new frontend is a new VM (QEMU 11.1's frontend cannot reconnect): nothing a
+        # previous guest wrote or owned may carry over. Status, the ballooned-frame record,
+        # actual and the poison value start afresh; the operator's target and the process
+        # counters stay.
+        self.device.reset()
         self.connections += 1
         self.conn = Connection(sock)
         self.backend = BalloonVhostUserBackend(self.device, self.loop, self.busy_poll_us)

@@ -202,16 +202,19 @@ class VhostUserFrontend:
 
     # -- sequences ----------------------------------------------------------------
 
-    def handshake(self, protocol_features: int | None = None) -> int:
+    def handshake(self, protocol_features: int | None = None, *, without: int = 0) -> int:
         """QEMU's realize order: features, protocol features, backend channel, owner.
 
+        :param protocol_features: what to acknowledge (default: everything offered)
+        :param without: protocol features to leave out of what is offered
         :return: the backend's virtio features (without bit 30).
         """
         features = self.get_features()
         if not features & F_PROTOCOL_FEATURES:
             raise ProtocolError("backend does not offer protocol features")
         offered = self.get_protocol_features()
-        self.set_protocol_features(offered if protocol_features is None else protocol_features)
+        ack = offered if protocol_features is None else protocol_features
+        self.set_protocol_features(ack & ~without)
         if self.protocol_features & ProtocolFeature.BACKEND_REQ:
             self.open_backend_channel()
         self.set_owner()
@@ -227,14 +230,18 @@ class VhostUserFrontend:
         kick: int,
         call: int,
         base: int = 0,
+        *,
+        enable: bool = True,
     ) -> None:
-        """QEMU's start order for one ring: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        """QEMU's start order for one ring: NUM, BASE, ADDR, KICK, CALL, then ENABLE (QEMU
+        enables every ring only once all are set up: pass ``enable=False`` for that)."""
         self.set_vring_num(index, num)
         self.set_vring_base(index, base)
         self.set_vring_addr(index, desc, avail, used)
         self.set_vring_kick(index, kick)
         self.set_vring_call(index, call)
-        self.set_vring_enable(index, True)
+        if enable:
+            self.set_vring_enable(index, True)
 
     def stop_device(
         self, num_vqs: int, started: list[int], *, status_zero: bool = False
@@ -242,16 +249,15 @@ class VhostUserFrontend:
         """QEMU 11.1's stop order, measured with vhost-user-test-device (a VM pause, a guest
         reset and a quit look the same): SET_VRING_ENABLE(0) on all ``num_vqs`` rings, then
         GET_VRING_BASE per started ring; no SET_STATUS(0), although STATUS is negotiated.
-        ``status_zero`` adds the SET_STATUS(0) other frontends send.
+        ``status_zero`` sends the SET_STATUS(0) other frontends send, before the rest.
 
         :return: each started ring's base, for the next start.
         """
-        for index in range(num_vqs):
-            self.set_vring_enable(index, False)
-        bases = {index: self.get_vring_base(index) for index in started}
         if status_zero and self.protocol_features & ProtocolFeature.STATUS:
             self.set_status(0)
-        return bases
+        for index in range(num_vqs):
+            self.set_vring_enable(index, False)
+        return {index: self.get_vring_base(index) for index in started}
 
     def read_backend_request(self) -> tuple[int, int]:
         """One message from the backend channel: (request, flags)."""

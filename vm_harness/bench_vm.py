@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass
 
 from vballoon.bench import machine
+from vballoon.units import MiB
 from vm_harness.provision import TestEnv
 from vm_harness.vm import VM, VMOptions, cpu_seconds, wait_for
-
-MiB = 1 << 20
 
 
 @dataclass

@@ -10,10 +10,9 @@ import re
 import time
 
 from vballoon.demo import Checklist
+from vballoon.units import MiB
 from vm_harness.testenv import ProvisionError, ensure_testenv
 from vm_harness.vm import VM, VMError, VMOptions
-
-MiB = 1 << 20
 
 
 def run_vm_demo(mem_mib: int = 1024) -> int:

@@ -37,7 +37,6 @@ from vm_harness.guest_agent import GuestAgent
 from vm_harness.provision import KVM_PROBE_TIMEOUT, READY_MARKER, TestEnv, progress
 from vm_harness.resources import resource_dir
 
-MiB = 1 << 20
 T = TypeVar("T")
 
 

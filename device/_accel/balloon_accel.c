@@ -160,30 +160,67 @@ static uint64_t region_first(const struct balloon_accel_region *r)
 	return r->gpa >> BALLOON_ACCEL_FRAME_SHIFT;
 }
 
+/* Frames are counted apart so that nothing here can wrap (see region_usable). */
 static uint64_t region_end(const struct balloon_accel_region *r)
 {
-	return (r->gpa + r->size) >> BALLOON_ACCEL_FRAME_SHIFT;
+	return region_first(r) + (r->size >> BALLOON_ACCEL_FRAME_SHIFT);
 }
 
 /*
- * Find the region holding frame @f. If none holds it, return NULL and set
- * *@next to the first frame after @f that some region holds (or UINT64_MAX).
+ * A region that is empty, wraps, or ends at 2^64 holds no frame at all: its
+ * end would compute to a small number, and one report entry could then name
+ * every frame of guest RAM. The caller refuses such regions already.
+ */
+static int region_usable(const struct balloon_accel_region *r)
+{
+	return r->size && r->gpa + r->size > r->gpa;
+}
+
+static uint64_t extent_end(const struct balloon_accel_extent *e)
+{
+	return e->count > UINT64_MAX - e->start ? UINT64_MAX : e->start + e->count;
+}
+
+/*
+ * Find the region holding frame @f, as RAM the guest may own. If a region
+ * holds it, return the region and set *@limit to the first frame after @f
+ * where that stops (the region's end, or the start of a reserved run). If
+ * none does (no region, or a reserved run), return NULL and set *@limit to
+ * the first frame after @f that might be such RAM (UINT64_MAX if none).
  */
 static const struct balloon_accel_region *
-find_region(const struct balloon_accel_map *map, uint64_t f, uint64_t *next)
+find_ram(const struct balloon_accel_map *map, uint64_t f, uint64_t *limit)
 {
+	const struct balloon_accel_region *found = NULL;
+	uint64_t next = UINT64_MAX, reserved_next = UINT64_MAX;
 	uint32_t i;
 
-	*next = UINT64_MAX;
+	for (i = 0; i < map->nreserved; i++) {
+		const struct balloon_accel_extent *e = &map->reserved[i];
+
+		if (f >= e->start && f < extent_end(e)) {
+			*limit = extent_end(e);
+			return NULL;
+		}
+		if (e->start > f && e->start < reserved_next)
+			reserved_next = e->start;
+	}
 	for (i = 0; i < map->nregions; i++) {
 		const struct balloon_accel_region *r = &map->regions[i];
 
+		if (!region_usable(r))
+			continue;
 		if (f >= region_first(r) && f < region_end(r))
-			return r;
-		if (region_first(r) > f && region_first(r) < *next)
-			*next = region_first(r);
+			found = r;
+		else if (region_first(r) > f && region_first(r) < next)
+			next = region_first(r);
 	}
-	return NULL;
+	if (!found) {
+		*limit = next;
+		return NULL;
+	}
+	*limit = region_end(found) < reserved_next ? region_end(found) : reserved_next;
+	return found;
 }
 
 typedef void (*piece_fn)(const struct balloon_accel_region *r, uint64_t off,
@@ -203,20 +240,16 @@ static void for_each_piece(const struct balloon_accel_map *map, uint64_t start,
 	if (end < start)	/* cannot happen for 52-bit frames; be safe */
 		end = UINT64_MAX;
 	while (f < end) {
-		uint64_t next;
-		const struct balloon_accel_region *r = find_region(map, f, &next);
+		uint64_t limit;
+		const struct balloon_accel_region *r = find_ram(map, f, &limit);
+		uint64_t stop = limit < end ? limit : end;
 
 		if (!r) {
-			uint64_t stop = next < end ? next : end;
-
 			c->refused_ranges++;
 			c->refused_frames += stop - f;
-			f = stop;
-			continue;
+		} else {
+			fn(r, f - region_first(r), stop - f, c);
 		}
-		uint64_t stop = region_end(r) < end ? region_end(r) : end;
-
-		fn(r, f - region_first(r), stop - f, c);
 		f = stop;
 	}
 }
@@ -308,6 +341,19 @@ static void inflate_piece(const struct balloon_accel_region *r, uint64_t off,
 		discard(r, run_start * pf, run * pf, c);
 }
 
+/*
+ * Without BALLOON_ACCEL_MAP_ACROSS_REQUESTS: record the frames, but give back
+ * only the backing pages this run covers whole (all of them on 4 KiB memory).
+ */
+static void inflate_piece_alone(const struct balloon_accel_region *r,
+				uint64_t off, uint64_t n,
+				struct balloon_accel_counters *c)
+{
+	c->frames_changed += bitmap_set(r->ballooned, off, n);
+	if (r->mode != BALLOON_ACCEL_MODE_NONE)
+		discard_aligned(r, off, n, c);
+}
+
 static void deflate_piece(const struct balloon_accel_region *r, uint64_t off,
 			  uint64_t n, struct balloon_accel_counters *c)
 {
@@ -339,15 +385,20 @@ static void pfn_request(const struct balloon_accel_map *map,
  * @c: counters to add to
  *
  * Marks the frames ballooned and discards them: 4 KiB-backed runs at once,
- * huge backing pages once all their frames are ballooned. Frames outside
- * guest RAM are refused and counted.
+ * huge backing pages once all their frames are ballooned (with
+ * BALLOON_ACCEL_MAP_ACROSS_REQUESTS, by this or earlier requests; without
+ * it, by one run of this request). Frames outside guest RAM or reserved are
+ * refused and counted.
  */
 void balloon_accel_inflate(const struct balloon_accel_map *map,
 			   const uint8_t *pfns, size_t count, uint32_t *scratch,
 			   struct balloon_accel_extent *runs,
 			   struct balloon_accel_counters *c)
 {
-	pfn_request(map, pfns, count, scratch, runs, inflate_piece, c);
+	piece_fn fn = map->flags & BALLOON_ACCEL_MAP_ACROSS_REQUESTS ?
+		inflate_piece : inflate_piece_alone;
+
+	pfn_request(map, pfns, count, scratch, runs, fn, c);
 }
 
 /**
@@ -412,6 +463,10 @@ void balloon_accel_discard_gpa_ranges(const struct balloon_accel_map *map,
 		uint64_t s = ranges[i].gpa, e = s + ranges[i].len;
 
 		if (e < s) {	/* wraps: cannot be guest RAM */
+			c->refused_ranges++;
+			continue;
+		}
+		if (s > UINT64_MAX - (FRAME_SIZE - 1)) {	/* rounding up wraps */
 			c->refused_ranges++;
 			continue;
 		}
@@ -672,14 +727,12 @@ int balloon_accel_decode_report(const uint8_t *buf, size_t len,
 static int extent_in_ram(const struct balloon_accel_map *map,
 			 const struct balloon_accel_extent *e)
 {
-	uint64_t f = e->start, end = e->start + e->count, next;
+	uint64_t f = e->start, end = extent_end(e), limit;
 
 	while (f < end) {
-		const struct balloon_accel_region *r = find_region(map, f, &next);
-
-		if (!r)
+		if (!find_ram(map, f, &limit))
 			return 0;
-		f = region_end(r);
+		f = limit;
 	}
 	return 1;
 }

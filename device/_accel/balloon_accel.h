@@ -38,16 +38,38 @@ struct balloon_accel_region {
 	int32_t mode;
 };
 
-/* Regions sorted by gpa, not overlapping. */
-struct balloon_accel_map {
-	const struct balloon_accel_region *regions;
-	uint32_t nregions;
-};
-
 /* A run of frames. */
 struct balloon_accel_extent {
 	uint64_t start;
 	uint64_t count;
+};
+
+/*
+ * Map flag: a huge backing page may be completed by frames of earlier
+ * inflate requests. Only safe when the driver must wait for the device before
+ * reusing a deflated page (VIRTIO_BALLOON_F_MUST_TELL_HOST): otherwise an
+ * inflate served before a queued deflate would complete a page the driver
+ * is already writing again. Without it, only pages one run covers go back.
+ */
+#define BALLOON_ACCEL_MAP_ACROSS_REQUESTS 1
+
+/*
+ * struct balloon_accel_map - guest RAM as the data plane sees it
+ * @regions: sorted by gpa, not overlapping, none reaching 2^64
+ * @nregions: entries in @regions
+ * @reserved: frame runs that are never the guest's RAM even where a region
+ *	covers them (the PC's 640 KiB-1 MiB window: VGA, SMRAM, option ROMs,
+ *	BIOS shadow), sorted, disjoint; treated exactly like frames outside
+ *	guest RAM: refused, never discarded, never part of a discarded page
+ * @nreserved: entries in @reserved
+ * @flags: BALLOON_ACCEL_MAP_*
+ */
+struct balloon_accel_map {
+	const struct balloon_accel_region *regions;
+	uint32_t nregions;
+	uint32_t nreserved;
+	const struct balloon_accel_extent *reserved;
+	uint32_t flags;
 };
 
 /* A guest-physical byte range, as free-page reports carry them. */

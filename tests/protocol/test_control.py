@@ -321,7 +321,7 @@ def test_query_vballoon(ram: GuestRam, path: str) -> None:
     async def body() -> None:
         async with ControlServer(path, dev), qmp(path) as c:
             await c.execute("balloon", {"value": 32 * MiB})
-            rig.pfns("inflate", list(range(10)))
+            rig.pfns("inflate", list(range(300, 310)))
             set_actual(dev, 12)  # the guest's account need not match the device's record
             dev.write_config(12, struct.pack("<I", 0xAA))
             info = await c.execute("query-vballoon")
@@ -866,7 +866,7 @@ def test_ctl_stats_before_any(rig: Rig, path: str, capsys: pytest.CaptureFixture
 
 
 def test_ctl_info(rig: Rig, path: str, capsys: pytest.CaptureFixture[str]) -> None:
-    rig.pfns("inflate", list(range(256)))
+    rig.pfns("inflate", list(range(300, 556)))
     set_actual(rig.dev, 256)
     with ServerThread(path, rig.dev):
         assert run_ctl(path, "info") == 0

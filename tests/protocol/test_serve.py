@@ -39,7 +39,7 @@ def test_serve_runs_a_frontend_and_exits_cleanly_on_sigterm(tmp_path) -> None:
     g = Guest(sock, ram)
     g.start()
     before = ram.allocated()
-    g.inflate(Queue.INFLATE, list(range(10, 266)))
+    g.inflate(Queue.INFLATE, list(range(300, 556)))
     assert before - ram.allocated() == 256 * 4096
     # A buffer posted and kicked right before SIGTERM is finished and returned.
     ring = g.rings[Queue.INFLATE]

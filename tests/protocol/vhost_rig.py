@@ -86,12 +86,20 @@ class Guest:
     """QEMU's side: guest RAM, a frontend connection and one ring per queue."""
 
     def __init__(
-        self, path: str, ram: GuestRam, *, features: int | None = None, queue_size: int = 64
+        self,
+        path: str,
+        ram: GuestRam,
+        *,
+        features: int | None = None,
+        queue_size: int = 64,
+        extra: tuple[GuestRam, ...] = (),
+        without_protocol: int = 0,
     ) -> None:
         self.ram = ram
+        self.extra = extra
         self.mem = GuestMemory([ram.spec()])
         self.fe = VhostUserFrontend(path)
-        offered = self.fe.handshake()
+        offered = self.fe.handshake(without=without_protocol)
         self.features = offered if features is None else features
         self.layout = queue_layout(self.features)
         self.queue_size = queue_size
@@ -104,7 +112,10 @@ class Guest:
         """QEMU's start sequence: SET_FEATURES, SET_MEM_TABLE, per ring NUM/BASE/ADDR/KICK/CALL."""
         self.fe.set_features(self.features | (1 << 30))
         self.fe.set_mem_table(
-            [FrontendRegion(self.ram.gpa, self.ram.size, UADDR_BASE + self.ram.gpa, self.ram.fd)]
+            [
+                FrontendRegion(r.gpa, r.size, UADDR_BASE + r.gpa, r.fd)
+                for r in (self.ram, *self.extra)
+            ]
         )
         per = RING_AREA // 8
         base_gpa = self.ram.gpa + self.ram.size - RING_AREA
@@ -125,7 +136,10 @@ class Guest:
                 self.kick[q],
                 self.call[q],
                 base=(bases or {}).get(q, 0),
+                enable=False,
             )
+        for index in range(len(self.layout)):  # QEMU enables them all at the end
+            self.fe.set_vring_enable(index, True)
 
     def pause(self, status_zero: bool = False) -> dict[Queue, int]:
         """QEMU's stop sequence (a QMP ``stop``); the rings keep their contents."""

@@ -34,7 +34,7 @@ def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "abc", "12X", "-1G"])
+@pytest.mark.parametrize("text", ["", "abc", "12X", "-1G", "inf", "nan", "1e400G"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(SizeError):
         parse_size(text)

@@ -40,7 +40,10 @@ RAM_SIZE = 16 * MiB
 RAM_FRAMES = RAM_SIZE // FRAME
 DATA_BYTES = RAM_SIZE - RING_AREA
 DATA_FRAMES = DATA_BYTES // FRAME
-RAM_EXTENTS = [(0, RAM_FRAMES)]
+#: The PC's legacy window (640 KiB-1 MiB) is never the guest's RAM: the device refuses it
+#: like frames outside RAM (device.defs.PC_LEGACY_WINDOW).
+RESERVED = range(0xA0, 0x100)
+RAM_EXTENTS = [(0, RESERVED.start), (RESERVED.stop, RAM_FRAMES - RESERVED.stop)]
 U16 = struct.Struct("<H")
 
 HOSTILE = settings(
@@ -117,7 +120,7 @@ def assert_only(ram: GuestRam, allowed: set[int], before: int) -> None:
     freed = before - ram.allocated()  # first: reading a punched shmem page allocates it again
     stray = sorted(changed_data_frames(ram) - allowed)
     assert not stray, f"data frames changed that nothing valid named: {stray[:20]}"
-    in_ram = {f for f in allowed if 0 <= f < RAM_FRAMES}
+    in_ram = {f for f in allowed if is_ram(f)}
     assert freed <= FRAME * len(in_ram), f"{freed} bytes freed, only {len(in_ram)} frames named"
 
 
@@ -131,9 +134,25 @@ def touched_frames(gpa: int, length: int) -> range:
     return range(gpa // FRAME, (gpa + length + FRAME - 1) // FRAME) if length else range(0)
 
 
+def is_ram(frame: int) -> bool:
+    """Whether the device may discard ``frame``: in guest RAM, not in the legacy window."""
+    return 0 <= frame < RAM_FRAMES and frame not in RESERVED
+
+
+def refused_pieces(extents: list[tuple[int, int]]) -> int:
+    """Maximal pieces of these frame runs outside the guest's RAM: the device refuses each."""
+    return sum(ref.split_by_ram(e, RAM_EXTENTS)[1] for e in extents)
+
+
+def report_frames(entries: list[tuple[int, int]]) -> tuple[set[int], int]:
+    """The frames a free-page report's entries name whole, and its refused pieces."""
+    named = set().union(*(whole_frames(g, n) for g, n in entries))
+    return named, refused_pieces(ref.compact_pfns(sorted(named)))
+
+
 def refused_runs(pfns: list[int]) -> int:
-    """Runs of a compacted PFN batch that reach outside guest RAM (one region from frame 0)."""
-    return sum(1 for s, n in ref.compact_pfns(pfns) if s + n > RAM_FRAMES)
+    """Refused pieces of a compacted PFN batch."""
+    return refused_pieces(ref.compact_pfns(pfns))
 
 
 # =========================================================================================
@@ -191,9 +210,9 @@ def test_pfn_arrays(buffers: list[tuple[str, list[int], int, int, bool]]) -> Non
             head = ring.add([ring.buffer(p) for p in split(data, parts)], indirect=indirect)
             kick(rig, queue)
             assert ring.get_used() == [(head, 0)]
-            in_ram = {p for p in pfns if p < RAM_FRAMES}
+            in_ram = {p for p in pfns if is_ram(p)}
             refused += refused_runs(pfns)
-            refused_frames += len({p for p in pfns if p >= RAM_FRAMES})
+            refused_frames += len({p for p in pfns if not is_ram(p)})
             if queue == "inflate":
                 inflated += len(in_ram - ballooned)
                 ballooned |= in_ram
@@ -256,7 +275,7 @@ def test_free_page_reports(chains: list[tuple[list[tuple[int, int]], bool, bool]
         ram, m, ring = rig.ram, rig.dev.metrics, rig.rings["reporting"]
         before = ram.allocated()
         discarded: set[int] = set()
-        bad = good = 0
+        bad = good = refused = 0
         for entries, readable_first, indirect in chains:
             out = [ring.buffer(b"\x11" * 8)] if readable_first else []
             head = ring.add(out, entries, indirect=indirect)
@@ -264,8 +283,9 @@ def test_free_page_reports(chains: list[tuple[list[tuple[int, int]], bool, bool]
             assert ring.get_used() == [(head, 0)]
             if all(entry_in_ram(g, n) for g, n in entries) and sum(n for _, n in entries) <= 2**32:
                 good += 1
-                for g, n in entries:
-                    discarded.update(whole_frames(g, n))
+                named, pieces = report_frames(entries)
+                discarded.update(f for f in named if is_ram(f))
+                refused += pieces
             else:
                 bad += 1
         freed = before - ram.allocated()  # before reading: a read refills a hole
@@ -277,7 +297,7 @@ def test_free_page_reports(chains: list[tuple[list[tuple[int, int]], bool, bool]
                     f"frame {f} changed but no valid report covered it whole"
                 )
         assert freed == FRAME * len(discarded)
-        assert (m.reports, m.bad_chains, m.refused_ranges) == (good, bad, 0)
+        assert (m.reports, m.bad_chains, m.refused_ranges) == (good, bad, refused)
 
 
 # -- range reports ------------------------------------------------------------------------
@@ -834,7 +854,7 @@ class Oracle:
                 assert len(pfns) <= PFN_BATCH
                 self.refused += refused_runs(pfns)
                 if role is Queue.INFLATE:
-                    self.named.update(p for p in pfns if p < RAM_FRAMES)
+                    self.named.update(p for p in pfns if is_ram(p))
         elif role is Queue.REPORTING:
             assert used == 0
             writable = chain.writable  # type: ignore[attr-defined]
@@ -843,8 +863,9 @@ class Oracle:
                 assert fed == [writable], f"discarded {fed}, the chain's free blocks are {writable}"
             else:
                 assert fed in ([], [[]]), f"discarded {fed} for a report without free blocks"
-            for g, n in writable:
-                self.named.update(whole_frames(g, n))
+            named, pieces = report_frames(writable)
+            self.named.update(named)
+            self.refused += pieces
         elif role is Queue.RANGE_REPORT:
             assert used == ref.STATUS_SIZE
             status_gpa = chain.writable[0][0]  # type: ignore[attr-defined]
@@ -1164,7 +1185,7 @@ def test_long_chain_reads_only_the_limit() -> None:
         kick(rig, "inflate")
         assert rig.rings["inflate"].get_used() == [(head, 0)]
         # frame f's pattern, read as le32 PFNs: f, 0, f ^ 0x5a5a5a5a, 0x5a5a5a5a
-        named = set(range(MAX_PFN_BUFFER_BYTES // FRAME)) | {0}
+        named = {f for f in range(MAX_PFN_BUFFER_BYTES // FRAME) if is_ram(f)} | {0}
         assert changed_data_frames(rig.ram) == named
         assert all(rig.ram.frame_zero(f) for f in named)
 

@@ -44,6 +44,14 @@ def test_the_spec_sequence_through_the_status_register(ram: GuestRam) -> None:
     rig.close()
 
 
+def test_refused_features_are_never_in_force() -> None:
+    dev, _ = fresh_device()
+    with pytest.raises(ConfigError):
+        dev.negotiate(dev.offered_features | (1 << 40))
+    assert dev.driver_features == 0 and dev.read_status() == 0
+    assert not dev.has(Feature.STATS_VQ)
+
+
 def test_features_not_offered_are_refused_at_features_ok() -> None:
     dev, _ = fresh_device()
     cfg_off = BalloonDevice(BalloonConfig(stats=False, stats_interval=0))
@@ -106,6 +114,13 @@ def test_failed_stops_servicing_until_reset(prig: Rig) -> None:
     before = prig.ram.allocated()
     dev.set_status(0)
     assert not dev.running and prig.ram.allocated() == before  # nothing discarded
+    # After the reset a new driver brings it up again and it serves the queue.
+    dev.negotiate(dev.offered_features)
+    dev.start_queue(prig.index("inflate"), ring.device_queue())
+    dev.activate()  # DRIVER_OK serves what waited: the PFN 9 buffer
+    assert [h for h, _ in ring.get_used()] == [0]
+    prig.pfns("inflate", [300])
+    assert before - prig.ram.allocated() == 2 * FRAME_SIZE
 
 
 def test_stop_keeps_what_the_guest_holds_reset_does_not(prig: Rig) -> None:
@@ -114,7 +129,7 @@ def test_stop_keeps_what_the_guest_holds_reset_does_not(prig: Rig) -> None:
     changes: list[int] = []
     dev.watch_actual(changes.append)
     dev.set_num_pages(300)
-    rig.pfns("inflate", list(range(100, 400)))
+    rig.pfns("inflate", list(range(300, 600)))
     dev.write_config(4, struct.pack("<I", 300))
     dev.write_config(12, struct.pack("<I", 0x55))
     ring = rig.rings["stats"]
@@ -134,20 +149,32 @@ def test_stop_keeps_what_the_guest_holds_reset_does_not(prig: Rig) -> None:
     assert (snap.actual, snap.num_pages, snap.poison_val, snap.status) == (0, 300, 0, 0)
     assert snap.stats == {} and changes == [300, 0]
     assert snap.driver_features == 0 and dev.layout.index(Queue.STATS) == 2  # offered layout
-    assert not dev.is_ballooned(150 * FRAME_SIZE)
+    assert not dev.is_ballooned(350 * FRAME_SIZE)
 
 
-def test_the_last_queue_to_stop_forgets_the_record(prig: Rig) -> None:
+def test_the_last_queue_to_stop_suspends_the_device(prig: Rig) -> None:
     """Whichever message stops it (vhost-user's ENABLE(0) comes before GET_VRING_BASE)."""
     dev = prig.dev
-    prig.pfns("inflate", list(range(100, 200)))
+    prig.pfns("inflate", list(range(300, 400)))
+    prig.rings["deflate"].set_avail_idx(1000)  # a corrupt ring: broken, NEEDS_RESET
+    prig.kick("deflate")
     indices = list(range(len(prig.rings)))
     for i in indices[:-1]:
         dev.stop_queue(i)
-        assert dev.tracked_frames == 100
+        assert dev.tracked_frames == 100 and dev.running
     dev.stop_queue(indices[-1])
-    assert dev.tracked_frames == 0 and not dev.is_ballooned(150 * FRAME_SIZE)
+    assert dev.tracked_frames == 0 and not dev.is_ballooned(350 * FRAME_SIZE)
     assert dev.stop_queue(indices[-1]) is None  # already stopped
+    snap = dev.snapshot()
+    assert not snap.running and snap.broken_queues == ()
+    assert snap.status == Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK
+    assert snap.driver_features == dev.offered_features, "negotiation is kept for the restart"
+    # The transport restarts a queue and says DRIVER_OK: it serves again.
+    ring = prig.rings["inflate"]
+    dev.start_queue(prig.index("inflate"), ring.device_queue(next_avail=ring.avail_idx))
+    dev.activate()
+    prig.pfns("inflate", [500])
+    assert dev.tracked_frames == 1
 
 
 def test_negotiate_refuses_while_queues_run(prig: Rig) -> None:

@@ -60,8 +60,9 @@ def test_installed_code_comes_from_site_packages(installed: Installed) -> None:
         [
             installed.bin("python"),
             "-c",
-            "import device, vballoon, vm_harness.resources as r; "
-            "print(device.__file__); print(r.resource_dir('qemu-configs'))",
+            "import device, vballoon, vhost_user, vm_harness.resources as r; "
+            "print(device.__file__, vballoon.__file__, vhost_user.__file__, r.__file__); "
+            "print(r.resource_dir('qemu-configs'))",
         ],
         cwd=installed.home,
         capture_output=True,
@@ -112,8 +113,11 @@ def test_installed_serve_and_ctl(installed: Installed) -> None:
 
 def test_installed_demo_says_in_one_line_what_it_needs(installed: Installed) -> None:
     """Without root and without a provisioned environment the VM demo cannot run."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1) (util-linux) to run the demo without root")
+    usable = shutil.which("unshare") is not None and (
+        subprocess.run(["unshare", "--user", "true"], capture_output=True).returncode == 0
+    )
+    if not usable:
+        pytest.skip("needs unshare(1) and user namespaces to run the demo without root")
     env = {**clean_env(), "VBALLOON_TESTENV": str(installed.home / "no-testenv")}
     # In a new user namespace this process is uid 65534: not root, as a user would be.
     res = subprocess.run(

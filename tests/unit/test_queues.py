@@ -331,7 +331,7 @@ def test_syscall_budget_yields_between_chains(ram: GuestRam) -> None:
     rig = Rig(ram, config=BalloonConfig(stats_interval=0, kick_syscall_budget=1000))
     ring = rig.rings["inflate"]
     for k in range(3):  # 3 chains of 1500 isolated frames: 1500 punches each
-        pfns = list(range(2 * 1500 * k, 2 * 1500 * (k + 1), 2))
+        pfns = list(range(256 + 2 * 1500 * k, 256 + 2 * 1500 * (k + 1), 2))
         ring.add([ring.buffer(struct.pack(f"<{len(pfns)}I", *pfns))])
     assert rig.kick("inflate") is True  # one chain finished, then it yields
     assert len(ring.get_used()) == 1 and rig.dev.metrics.discard_syscalls == 1500
@@ -343,12 +343,12 @@ def test_syscall_budget_yields_between_chains(ram: GuestRam) -> None:
 
 def test_engine_keeps_bitmaps_without_memory_and_drops_vanished_regions(ram: GuestRam) -> None:
     rig = Rig(ram)
-    rig.pfns("inflate", list(range(100, 200)))
+    rig.pfns("inflate", list(range(300, 400)))
     eng = rig.dev._engine  # white box: the engine's own bookkeeping
     eng.set_memory(None)  # the frontend went away
     assert eng.ballooned_frames == 100
     eng.set_memory(rig.mem)  # the same table comes back
-    assert eng.ballooned_frames == 100 and eng.is_ballooned(150 * FRAME_SIZE)
+    assert eng.ballooned_frames == 100 and eng.is_ballooned(350 * FRAME_SIZE)
     other = GuestRam(8 * MiB, gpa=1 << 32)
     from device import GuestMemory
 
@@ -368,7 +368,7 @@ def test_out_of_budget_still_asks_for_the_next_kick(ram: GuestRam) -> None:
     q = ring_q = rig.dev.queue(idx)
     ring_q.event_idx = True
     ring = rig.rings["inflate"]
-    pfns = list(range(0, 40, 2))  # 20 isolated frames: 20 syscalls, over the budget
+    pfns = list(range(300, 340, 2))  # 20 isolated frames: 20 syscalls, over the budget
     ring.add([ring.buffer(struct.pack("<20I", *pfns))])
     assert rig.kick("inflate") is False  # done, nothing pending
     assert ring.avail_event() == q.next_avail == 1

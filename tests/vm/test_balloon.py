@@ -158,8 +158,9 @@ def test_pause_and_resume_keep_the_balloon(env: TestEnv, balloon: str) -> None:
         if balloon == "vballoon":
             paused = vm.vballoon_info()
             assert paused["ballooned-bytes"] == 256 * MiB and paused["actual"] == target
-            # QEMU 11.1 stops every ring but sends no SET_STATUS(0): DRIVER_OK stays set.
+            # QEMU 11.1 stops every ring and sends no SET_STATUS(0): the device is suspended.
             assert paused["active-queues"] == [] and paused["tracked-bytes"] == 0
+            assert paused["driver-ok"] is False
         vm.qmp.cmd("cont")
         wait_for(lambda: run_state(vm) == "running", 30, "the VM running again")
         assert vm.actual() == target, "resumed: query-balloon lost the balloon"

@@ -1,0 +1,167 @@
+"""What the device must never discard: frames the guest cannot own, huge pages completed
+behind a queued deflate, and anything an address near 2^64 could wrap onto."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device import BalloonConfig, ConfigError, Feature, GuestMemory, RegionSpec
+from device.defs import PC_LEGACY_WINDOW
+from device.discard import DiscardEngine
+from device.metrics import BalloonMetrics
+from device.testing import FRAME_SIZE, GuestRam, MiB
+from tests import reference as ref
+from tests.conftest import Rig, is_root
+
+WINDOW = range(PC_LEGACY_WINDOW[0] // FRAME_SIZE, sum(PC_LEGACY_WINDOW) // FRAME_SIZE)
+HUGE = 2 * MiB // FRAME_SIZE  # frames in a 2 MiB page
+needs_hugepages = pytest.mark.skipif(not is_root(), reason="needs root for nr_hugepages")
+
+
+# -- the PC's legacy window ------------------------------------------------------------------
+
+
+def test_legacy_window_is_refused_on_4k_memory(prig: Rig) -> None:
+    pfns = list(range(WINDOW.start - 16, WINDOW.stop + 16))
+    before = prig.ram.allocated()
+    prig.pfns("inflate", pfns)
+    m = prig.dev.metrics
+    assert (m.refused_ranges, m.refused_frames) == (1, len(WINDOW))
+    assert before - prig.ram.allocated() == 32 * FRAME_SIZE
+    assert all(prig.ram.frame_intact(f) for f in WINDOW)
+    assert all(prig.ram.frame_zero(f) for f in (WINDOW.start - 1, WINDOW.stop))
+    assert prig.dev.tracked_frames == 32  # the window never enters the record
+
+
+def test_legacy_window_in_reports(prig: Rig) -> None:
+    before = prig.ram.allocated()
+    prig.post("reporting", [], [(0, 2 * MiB)])  # a free-page report over it: the rest goes
+    assert before - prig.ram.allocated() == 2 * MiB - len(WINDOW) * FRAME_SIZE
+    assert all(prig.ram.frame_intact(f) for f in WINDOW)
+    assert prig.dev.metrics.refused_ranges == 1
+    status = prig.rings["range_report"].alloc(16)
+    report = ref.encode_pfn_len([(WINDOW.start - 1, 2)])
+    assert prig.post("range_report", [report], [(status, 16)]) == 16
+    err, _, frames = ref.STATUS.unpack(prig.mem.read(status, 16))
+    assert (err, frames) == (ref.E_RANGE, 0)  # a range report is refused whole
+    assert prig.ram.frame_intact(WINDOW.start)
+
+
+@needs_hugepages
+def test_huge_page_holding_the_window_is_never_punched(hugepages: int) -> None:
+    """On hugetlbfs QEMU's first region covers 0-2 MiB, window included."""
+    huge = GuestRam(8 * MiB, hugetlb=True)
+    huge.fill_pattern()
+    rings = GuestRam(8 * MiB, gpa=1 << 30)
+    rig = Rig(rings, extra=(huge.spec(),))
+    full = huge.allocated()
+    rig.pfns("inflate", list(range(HUGE)))  # every frame of page 0, the window too
+    assert huge.allocated() == full, "firmware memory was punched"
+    rig.post("reporting", [], [(0, 4 * MiB)])
+    assert full - huge.allocated() == 2 * MiB  # page 1 only
+    assert all(huge.frame_intact(f) for f in range(HUGE))
+    rig.close()
+    huge.close()
+
+
+def test_nothing_reserved_when_configured_so(ram: GuestRam) -> None:
+    ram.fill_pattern()
+    rig = Rig(ram, config=BalloonConfig(stats_interval=0, reserved_gpa=()))
+    rig.pfns("inflate", list(WINDOW))
+    assert all(ram.frame_zero(f) for f in WINDOW)
+    rig.close()
+
+
+# -- huge pages without MUST_TELL_HOST -----------------------------------------------------------
+
+
+@pytest.fixture
+def huge_rig(ram: GuestRam, hugepages: int) -> Iterator[tuple[Rig, GuestRam]]:
+    huge = GuestRam(8 * MiB, gpa=1 << 30, hugetlb=True)
+    huge.fill_pattern()
+    rig = Rig(ram, extra=(huge.spec(),), features=_offered() & ~Feature.MUST_TELL_HOST)
+    yield rig, huge
+    rig.close()
+    huge.close()
+
+
+def _offered() -> int:
+    return BalloonConfig().offered_features()
+
+
+@needs_hugepages
+def test_without_must_tell_host_halves_never_complete_a_page(
+    huge_rig: tuple[Rig, GuestRam],
+) -> None:
+    rig, huge = huge_rig
+    first = huge.gpa // FRAME_SIZE
+    full = huge.allocated()
+    rig.pfns("inflate", list(range(first, first + HUGE // 2)))
+    rig.pfns("inflate", list(range(first + HUGE // 2, first + HUGE)))
+    assert huge.allocated() == full
+    assert rig.dev.tracked_frames == HUGE  # recorded all the same
+    # A whole page named by one request does go back.
+    rig.pfns("inflate", list(range(first + HUGE, first + 2 * HUGE)), per_buffer=HUGE)
+    assert full - huge.allocated() == 2 * MiB
+
+
+@needs_hugepages
+def test_without_must_tell_host_a_queued_deflate_is_not_overtaken(
+    huge_rig: tuple[Rig, GuestRam],
+) -> None:
+    """The driver may reuse a page once its deflate is queued; the device may serve the next
+    inflate first. That inflate must not complete the page."""
+    rig, huge = huge_rig
+    first = huge.gpa // FRAME_SIZE
+    rig.pfns("inflate", list(range(first, first + HUGE // 2)))
+    deflate = rig.rings["deflate"]
+    deflate.add([deflate.buffer(struct.pack(f"<{HUGE // 2}I", *range(first, first + HUGE // 2)))])
+    huge.fill_pattern(0, HUGE // 2)  # queued, not yet served: the guest writes the pages again
+    rig.pfns("inflate", list(range(first + HUGE // 2, first + HUGE)))
+    assert all(huge.frame_intact(f) for f in range(first, first + HUGE // 2)), "data lost"
+    rig.kick("deflate")
+    assert deflate.get_used()
+
+
+# -- addresses near 2^64 ------------------------------------------------------------------------
+
+
+def test_a_region_reaching_2_64_is_refused(ram: GuestRam) -> None:
+    with pytest.raises(ConfigError, match="2\\^64"):
+        GuestMemory([RegionSpec(2**64 - ram.size, ram.size, ram.mapping, ram.fd)])
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[tuple[DiscardEngine, GuestRam]]:
+    ram = GuestRam(8 * MiB)
+    mem = GuestMemory([ram.spec()])
+    eng = DiscardEngine(BalloonMetrics())
+    eng.set_memory(mem)
+    yield eng, ram
+    eng.set_memory(None)
+    mem.close()
+    ram.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gpa=st.one_of(
+        st.integers(2**64 - 2 * FRAME_SIZE, 2**64 - 1), st.integers(2**64 - 2**32, 2**64 - 1)
+    ),
+    length=st.one_of(st.integers(0, 3 * FRAME_SIZE), st.integers(0, 2**64 - 1)),
+)
+def test_report_ranges_near_2_64_discard_nothing(
+    engine: tuple[DiscardEngine, GuestRam], gpa: int, length: int
+) -> None:
+    """Rounding such a range up to whole frames used to wrap and name all of guest RAM."""
+    eng, ram = engine
+    ram.mapping[:FRAME_SIZE] = b"\x5a" * FRAME_SIZE
+    before = eng.metrics.bytes_discarded
+    assert eng.discard_gpa_ranges([(gpa, length)]) == 0
+    assert eng.metrics.bytes_discarded == before
+    assert ram.mapping[:FRAME_SIZE] == b"\x5a" * FRAME_SIZE
