@@ -178,7 +178,9 @@ class BalloonDevice:
             Queue.STATS: self._stats,
             Queue.FREE_PAGE: FreePageHintHandler(self.hints, self.metrics),
             Queue.REPORTING: ReportingHandler(self._engine, self.metrics, self._poison_forbids),
-            Queue.RANGE_REPORT: RangeReportHandler(self._engine, self.metrics),
+            Queue.RANGE_REPORT: RangeReportHandler(
+                self._engine, self.metrics, self._poison_forbids
+            ),
         }
 
     # -- what a transport and the control plane may read ---------------------------

@@ -193,9 +193,12 @@ class DiscardEngine:
         self._absorb(c)
         return int(c.bytes_discarded)
 
-    def range_report(self, buf: bytes | memoryview) -> tuple[int, int, int]:
+    def range_report(
+        self, buf: bytes | memoryview, *, validate_only: bool = False
+    ) -> tuple[int, int, int]:
         """Validate and discard one range report (header + records).
 
+        :param validate_only: check it, discard nothing (page poison is in force)
         :return: (status code, frames discarded, index of the bad record or 0xffffffff).
         """
         frames = ffi.new("uint64_t *")
@@ -210,6 +213,7 @@ class DiscardEngine:
             c,
             frames,
             bad,
+            lib.BALLOON_ACCEL_REPORT_VALIDATE_ONLY if validate_only else 0,
         )
         self._absorb(c)
         return int(err), int(frames[0]), int(bad[0])

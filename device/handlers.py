@@ -298,12 +298,22 @@ class ReportingHandler:
 class RangeReportHandler:
     """vballoon range-report queue (guest_driver_c/vballoon_report_abi.h).
 
-    Readable part: header and records; writable part: the 16-byte status.
+    Readable part: header and records; writable part: the 16-byte status. With page
+    poison in force a report is validated and answered, but nothing is discarded
+    (the ABI header says so), as for free page reports.
+
+    :param poison_forbids_discard: as for :class:`ReportingHandler`
     """
 
-    def __init__(self, engine: DiscardEngine, metrics: BalloonMetrics) -> None:
+    def __init__(
+        self,
+        engine: DiscardEngine,
+        metrics: BalloonMetrics,
+        poison_forbids_discard: Callable[[], bool],
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.poison_forbids_discard = poison_forbids_discard
 
     def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int | None:
         self.metrics.range_reports += 1
@@ -319,7 +329,12 @@ class RangeReportHandler:
             ptr, n = readable_bytes(mem, chain, MAX_RANGE_REPORT_BYTES)
             # A private copy: the report is read twice (validate, then discard), and a
             # vCPU rewriting it in between must not get unvalidated records discarded.
-            err, frames, bad = self.engine.range_report(bytes(ffi.buffer(ptr, n)))
+            poisoned = self.poison_forbids_discard()
+            err, frames, bad = self.engine.range_report(
+                bytes(ffi.buffer(ptr, n)), validate_only=poisoned
+            )
+            if poisoned and not err:
+                self.metrics.poison_skipped += 1
         if err:
             self.metrics.range_report_errors += 1
         mem.write(chain.writable[0][0], _STATUS.pack(err, bad, frames))

@@ -233,12 +233,20 @@ class GuestMemory:
         return b"".join(parts)
 
     def write(self, gpa: int, data: bytes) -> None:
-        """Write ``data`` into one region.
+        """Write ``data`` to guest memory (may cross adjacent regions, as a read may).
 
-        :raise GuestError: if the range is not inside one region.
+        :raise GuestError: if any byte is outside guest RAM (nothing is written then).
         """
-        r, off = self.translate(gpa, len(data))
-        r.view[off : off + len(data)] = data
+        if not self.covers(gpa, len(data)):
+            raise GuestError(f"write gpa={gpa:#x} len={len(data):#x} is not inside guest RAM")
+        done = 0
+        while done < len(data):
+            r = self.find(gpa + done)
+            assert r is not None  # covers() checked every byte
+            off = gpa + done - r.gpa
+            n = min(len(data) - done, r.end - (gpa + done))
+            r.view[off : off + n] = data[done : done + n]
+            done += n
 
     def close(self) -> None:
         """Drop our views so the caller can unmap; the object is unusable after."""

@@ -369,6 +369,7 @@ static u32 vbr_encode_pfn_len(struct vbr_pass *pass, struct vbr_slot *s)
 	u32 max = (s->cap - VBR_HDR) / sizeof(*rec), n = 0;
 	struct list_head *head = &pass->blocks;
 
+	max = min_t(u32, max, VBALLOON_REPORT_MAX_RUNS);
 	while (n < max && pass->pos != head) {
 		u64 start = vbr_frame(pass->pos), len = 0;
 
@@ -390,6 +391,7 @@ static u32 vbr_encode_pfn_order(struct vbr_pass *pass, struct vbr_slot *s)
 	__le64 *rec = s->buf + VBR_HDR;
 	u32 max = (s->cap - VBR_HDR) / sizeof(*rec), n = 0;
 
+	max = min_t(u32, max, VBALLOON_REPORT_MAX_RUNS);
 	while (n < max && pass->pos != &pass->blocks) {
 		u64 w = vbr_frame(pass->pos) |
 			(u64)vbr_order(pass->pos) << VBALLOON_PFN_ORDER_SHIFT;
@@ -429,12 +431,15 @@ static u32 vbr_encode_bitmap(struct vbr_pass *pass, struct vbr_slot *s)
 	u64 end = base + vbr_frames(pass->pos);
 	unsigned int order = vbr_order(pass->pos);
 	u8 *map = s->buf + VBR_HDR;
+	u32 taken = 1;	/* blocks, hence at most as many runs: the ABI's limit */
 	u64 nbits;
 
 	for (p = pass->pos->next; p != head; p = p->next) {
 		unsigned int o = min(order, vbr_order(p));
 		u64 e = vbr_frame(p) + vbr_frames(p);
 
+		if (taken++ >= VBALLOON_REPORT_MAX_RUNS)
+			break;
 		if (pass->bitmap_mode == VBR_BITMAP_PER_ORDER &&
 		    vbr_order(p) != order)
 			break;

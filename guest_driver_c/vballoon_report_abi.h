@@ -52,6 +52,25 @@
 #define VBALLOON_REPORT_E_RANGE		5	/* a record outside guest RAM */
 #define VBALLOON_REPORT_E_OVERLAP	6	/* two records overlap */
 #define VBALLOON_REPORT_E_CHAIN		7	/* chain layout (no header/status) */
+#define VBALLOON_REPORT_E_RUNS		8	/* more than VBALLOON_REPORT_MAX_RUNS runs */
+
+/*
+ * The most runs of contiguous frames (after adjacent records merge) one
+ * report may name: each run costs the device one discard call at least, and a
+ * report is handled in one piece, so this bounds the work one report can
+ * cause (about 0.1 s of 4 KiB punches). It equals the most PFN_ORDER records
+ * a 256 KiB report holds; a BITMAP report of scattered blocks could otherwise
+ * name a million runs. A report over it discards nothing.
+ */
+#define VBALLOON_REPORT_MAX_RUNS	32768
+
+/*
+ * Page poison: when the driver negotiated VIRTIO_BALLOON_F_PAGE_POISON with a
+ * non-zero poison_val, reported frames must keep the poison value and a
+ * discarded frame reads back as zeros, so the device validates the report,
+ * discards nothing and answers OK with frames_discarded 0 (as it returns
+ * free page reports undiscarded then).
+ */
 
 /**
  * struct vballoon_report_hdr - start of the device-readable part of a report

@@ -46,6 +46,10 @@ E_RECORD = 4
 E_RANGE = 5
 E_OVERLAP = 6
 E_CHAIN = 7
+E_RUNS = 8
+
+#: Most runs (after adjacent blocks merge) one report may name.
+MAX_RUNS = 32768
 
 #: Frames are below 2^52 (a PFN_ORDER word has 52 pfn bits).
 PFN_LIMIT = 1 << 52
@@ -248,9 +252,12 @@ def split_by_ram(extent: Extent, ram: Iterable[Extent]) -> tuple[list[Extent], i
 
 
 def check_report(buf: bytes, ram: Iterable[Extent]) -> Decoded:
-    """A report as the device must judge it: decoded, then every block inside guest RAM."""
+    """A report as the device must judge it: decoded, at most ``MAX_RUNS`` runs (CHOICE:
+    counted before the RAM check), then every block inside guest RAM."""
     ram = list(ram)
     d = decode_report_full(buf)
+    if d.error == OK and len(d.extents) > MAX_RUNS:
+        return Decoded(E_RUNS)
     if d.error == OK and not all(inside(e, ram) for e in d.extents):
         return Decoded(E_RANGE)
     return d

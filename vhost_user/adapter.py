@@ -55,6 +55,8 @@ PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 32
 #: Queues a balloon can have (inflate .. range-report).
 MAX_QUEUES = 6
+#: Bytes the backend channel may hold unsent (config-change messages coalesce anyway).
+CHANNEL_SEND_LIMIT = 4096
 
 
 def _signal(eventfd: int | None) -> None:
@@ -327,7 +329,11 @@ class BalloonVhostUserBackend(VhostUserBackend):
             self._stop(index)
         _close_fd(v.kick)
         v.kick = fd
-        self._maybe_start(index)
+        try:
+            self._maybe_start(index)
+        except BaseException:
+            v.kick = None  # the dispatcher closes the fd of a refused request: not ours
+            raise
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
         v = self._vring(index)
@@ -426,7 +432,7 @@ class BalloonVhostUserBackend(VhostUserBackend):
             sock = socket.socket(fileno=fd)
         except OSError as err:
             raise ProtocolError(f"backend request fd is not a socket: {err}") from err
-        self.backend_channel = Connection(sock)
+        self.backend_channel = Connection(sock, send_limit=CHANNEL_SEND_LIMIT)
         self.loop.add_reader(fd, self._on_channel_readable)
         if self._config_pending:
             self.send_config_change()
@@ -454,23 +460,32 @@ class BalloonVhostUserBackend(VhostUserBackend):
             return
         try:
             sent = ch.try_send(Header(BackendReq.CONFIG_CHANGE_MSG, VERSION, 0))
-        except DisconnectedError:
+        except (DisconnectedError, ProtocolError) as err:
+            log.warning("backend request channel dropped: %s", err)
             self._close_channel()
             self._config_pending = True
             return
-        if sent:
-            self._config_pending = False
-            return
-        if not self._config_pending:
-            self._config_pending = True
-            self.loop.add_writer(ch.fileno(), self._retry_config_change)
+        # Not sent (the channel is full): one message goes when it drains, however
+        # many changes came meanwhile.
+        self._config_pending = not sent
+        if ch.pending or not sent:
+            self.loop.add_writer(ch.fileno(), self._on_channel_writable)
 
-    def _retry_config_change(self) -> None:
+    def _on_channel_writable(self) -> None:
         ch = self.backend_channel
-        if ch is not None:
-            self.loop.remove_writer(ch.fileno())
-        self._config_pending = False
-        self.send_config_change()
+        if ch is None:
+            return
+        try:
+            ch.flush()
+        except (DisconnectedError, ProtocolError) as err:
+            log.warning("backend request channel dropped: %s", err)
+            self._close_channel()
+            return
+        if ch.pending:
+            return
+        self.loop.remove_writer(ch.fileno())
+        if self._config_pending:
+            self.send_config_change()
 
     def _close_channel(self) -> None:
         ch, self.backend_channel = self.backend_channel, None

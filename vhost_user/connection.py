@@ -30,11 +30,23 @@ class Connection:
     """One end of a vhost-user socket (main channel or backend-request channel).
 
     :param sock: a connected ``AF_UNIX`` stream socket; the connection owns it.
+    :param send_limit: if given, sends never block: what the peer does not take at once
+        waits in a queue (:meth:`flush` sends more of it), and a queue longer than this
+        many bytes means the peer does not read: :class:`ProtocolError`. The backend uses
+        it, so that a frontend that stops reading cannot stall the process. Without it
+        sends block until done (the test frontend's way).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, send_limit: int | None = None) -> None:
         self.sock = sock
+        self.send_limit = send_limit
+        self._pending = bytearray()
         sock.setblocking(True)
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued for the peer, not yet sent."""
+        return len(self._pending)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -97,6 +109,12 @@ class Connection:
         :raise DisconnectedError: if the peer is gone.
         """
         data = header.pack() + body
+        if self.send_limit is not None:
+            if fds:
+                raise ValueError("a non-blocking connection sends no fds")
+            self._pending += data
+            self.flush()
+            return
         try:
             if fds:
                 sent = socket.send_fds(self.sock, [data], fds)
@@ -107,11 +125,36 @@ class Connection:
         except (BrokenPipeError, ConnectionResetError) as err:
             raise DisconnectedError(str(err)) from err
 
+    def flush(self) -> None:
+        """Send as much of the queue as the peer takes now, without blocking.
+
+        :raise ProtocolError: if more than ``send_limit`` bytes stay queued.
+        :raise DisconnectedError: if the peer is gone.
+        """
+        while self._pending:
+            try:
+                sent = self.sock.send(self._pending, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except (BrokenPipeError, ConnectionResetError) as err:
+                raise DisconnectedError(str(err)) from err
+            del self._pending[:sent]
+        if self.send_limit is not None and len(self._pending) > self.send_limit:
+            raise ProtocolError(
+                f"the peer does not read: {len(self._pending)} bytes of replies unsent"
+            )
+
     def try_send(self, header: Header, body: bytes = b"") -> bool:
-        """Send without blocking; False if the socket is full (nothing was sent).
+        """Send one message without blocking; False if the socket is full (nothing was sent).
+
+        A message the peer takes only part of is queued whole for :meth:`flush`.
 
         :raise DisconnectedError: if the peer is gone.
         """
+        if self._pending:
+            self.flush()
+            if self._pending:
+                return False
         data = header.pack() + body
         try:
             sent = self.sock.send(data, socket.MSG_DONTWAIT)
@@ -119,8 +162,7 @@ class Connection:
             return False
         except (BrokenPipeError, ConnectionResetError) as err:
             raise DisconnectedError(str(err)) from err
-        if sent < len(data):  # a partial small message: finish it blocking
-            self.sock.sendall(data[sent:])
+        self._pending += data[sent:]
         return True
 
     def close(self) -> None:

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between connection attempts in client mode.
 RECONNECT_INTERVAL = 0.5
+#: Bytes of replies a frontend may leave unread before it is disconnected. Replies are
+#: a few dozen bytes and QEMU reads each one at once; only a frontend that pipelines
+#: requests without reading gets here. Sends never block the process.
+SEND_LIMIT = 64 * 1024
 
 
 class VhostUserDaemon:
@@ -128,7 +132,7 @@ class VhostUserDaemon:
         # counters stay.
         self.device.reset()
         self.connections += 1
-        self.conn = Connection(sock)
+        self.conn = Connection(sock, send_limit=SEND_LIMIT)
         self.backend = BalloonVhostUserBackend(self.device, self.loop, self.busy_poll_us)
         self.dispatcher = Dispatcher(self.conn, self.backend)
         self.loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -138,22 +142,41 @@ class VhostUserDaemon:
 
     def _on_readable(self) -> None:
         assert self.dispatcher is not None
+        self._guarded(self.dispatcher.handle_one)
+
+    def _on_writable(self) -> None:
+        assert self.conn is not None
+        self._guarded(self.conn.flush)
+
+    def _guarded(self, step: Callable[[], object]) -> None:
+        """Run one step of the connection; whatever it raises ends the connection only."""
         try:
-            self.dispatcher.handle_one()
+            step()
         except DisconnectedError as err:
             self._drop(f"frontend disconnected ({err})")
+            return
         except VhostUserError as err:
             log.error("vhost-user: closing the connection: %s", err)
             self._drop("protocol error")
+            return
         except Exception:  # a bug of ours must not take the VM's balloon process down
             log.exception("vhost-user: internal error; closing the connection")
             self._drop("internal error")
+            return
+        # Replies the frontend did not take yet go out when it reads again.
+        conn, loop = self.conn, self.loop
+        if conn is not None and loop is not None:
+            if conn.pending:
+                loop.add_writer(conn.fileno(), self._on_writable)
+            else:
+                loop.remove_writer(conn.fileno())
 
     def _drop(self, why: str) -> None:
         if self.conn is None:
             return
         assert self.loop is not None
         self.loop.remove_reader(self.conn.fileno())
+        self.loop.remove_writer(self.conn.fileno())
         if self.backend is not None:
             self.backend.close()
         self.conn.close()

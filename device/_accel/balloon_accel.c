@@ -758,9 +758,11 @@ size_t balloon_accel_report_scratch_extents(size_t len)
  * @c: counters to add to
  * @frames_discarded: receives the frames returned to the host
  * @bad_record: receives the index of a bad record (UINT32_MAX: none)
+ * @flags: BALLOON_ACCEL_REPORT_VALIDATE_ONLY, or 0
  *
- * The whole report is checked first (format, records, every block inside
- * guest RAM); a report with any error discards nothing.
+ * The whole report is checked first (format, records, no more than
+ * VBALLOON_REPORT_MAX_RUNS runs, every block inside guest RAM); a report
+ * with any error discards nothing.
  *
  * Return: VBALLOON_REPORT_OK or a VBALLOON_REPORT_E_* code.
  */
@@ -770,9 +772,9 @@ int balloon_accel_range_report(const struct balloon_accel_map *map,
 			       size_t max_scratch,
 			       struct balloon_accel_counters *c,
 			       uint64_t *frames_discarded,
-			       uint32_t *bad_record)
+			       uint32_t *bad_record, uint32_t flags)
 {
-	uint64_t t0 = now_ns(), before, pos = 0;
+	uint64_t t0 = now_ns(), before, pos = 0, runs = 0;
 	struct balloon_accel_extent e;
 	struct report rp;
 	size_t i, n = 0;
@@ -787,6 +789,10 @@ int balloon_accel_range_report(const struct balloon_accel_map *map,
 		err = decode_records(&rp, scratch, max_scratch, &n, bad_record);
 		if (err)
 			goto out;
+		if (n > VBALLOON_REPORT_MAX_RUNS) {
+			err = VBALLOON_REPORT_E_RUNS;
+			goto out;
+		}
 		for (i = 0; i < n; i++) {
 			if (!extent_in_ram(map, &scratch[i])) {
 				err = VBALLOON_REPORT_E_RANGE;
@@ -794,6 +800,14 @@ int balloon_accel_range_report(const struct balloon_accel_map *map,
 			}
 		}
 	} else {
+		/* Count first (bounded), so that no walk below is longer than the limit. */
+		while (bitmap_next_run(&rp, &pos, &e)) {
+			if (++runs > VBALLOON_REPORT_MAX_RUNS) {
+				err = VBALLOON_REPORT_E_RUNS;
+				goto out;
+			}
+		}
+		pos = 0;
 		while (bitmap_next_run(&rp, &pos, &e)) {
 			if (!extent_in_ram(map, &e)) {
 				err = VBALLOON_REPORT_E_RANGE;
@@ -802,6 +816,8 @@ int balloon_accel_range_report(const struct balloon_accel_map *map,
 		}
 		pos = 0;
 	}
+	if (flags & BALLOON_ACCEL_REPORT_VALIDATE_ONLY)
+		goto out;
 	before = c->bytes_discarded;
 	if (rp.encoding != VBALLOON_ENC_BITMAP) {
 		for (i = 0; i < n; i++) {

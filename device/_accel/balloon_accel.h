@@ -117,13 +117,15 @@ int balloon_accel_decode_report(const uint8_t *buf, size_t len,
 				struct balloon_accel_extent *out,
 				size_t max_out, size_t *nout,
 				uint32_t *bad_record);
+/* balloon_accel_range_report() flag: validate, but discard nothing (page poison). */
+#define BALLOON_ACCEL_REPORT_VALIDATE_ONLY 1
 int balloon_accel_range_report(const struct balloon_accel_map *map,
 			       const uint8_t *buf, size_t len,
 			       struct balloon_accel_extent *scratch,
 			       size_t max_scratch,
 			       struct balloon_accel_counters *c,
 			       uint64_t *frames_discarded,
-			       uint32_t *bad_record);
+			       uint32_t *bad_record, uint32_t flags);
 size_t balloon_accel_report_scratch_extents(size_t len);
 int balloon_accel_fs_info(int fd, uint64_t *fs_magic, uint64_t *block_size);
 void balloon_accel_mb(void);

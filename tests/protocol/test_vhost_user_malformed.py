@@ -13,6 +13,7 @@ import pytest
 from device import Queue
 from device.testing import GuestRam, MiB
 from tests.protocol.vhost_rig import UADDR_BASE, BackendThread, Guest
+from vballoon.waiting import wait_until
 from vhost_user.frontend import FrontendRegion, VhostUserFrontend
 from vhost_user.messages import FrontendReq, MemRegion, MemTable, VringAddr, VringState
 
@@ -162,3 +163,58 @@ def test_second_frontend_is_refused_while_one_is_connected(
     g.inflate(Queue.INFLATE, [5])
     g.close()
     ram.close()
+
+
+def test_a_frontend_that_stops_reading_is_dropped_not_waited_for(
+    backend: BackendThread, sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelined requests whose replies are never read used to block the whole process
+    in sendall: control socket, rings and SIGTERM with it."""
+    fe = VhostUserFrontend(sock_path)
+    request = struct.pack("<III", R.GET_FEATURES, 1, 0)
+    fe.conn.sock.settimeout(10)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for _ in range(20000):
+            fe.conn.sock.sendall(request)
+            # The process keeps answering everything else meanwhile.
+    assert backend.call(lambda: 1) == 1
+    wait_until(lambda: "disconnected" in backend.events, 10, "the frontend dropped")
+    assert any("does not read" in r.message for r in caplog.records)
+    fe.close()
+    ram = GuestRam(16 * MiB)
+    g = Guest(sock_path, ram)
+    g.start()
+    g.inflate(Queue.INFLATE, [300])
+    g.close()
+    ram.close()
+
+
+def test_a_refused_kick_fd_is_closed_once(
+    backend: BackendThread, sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SET_VRING_KICK before any memory table is refused; its fd is closed by whoever owns
+    it then, exactly once (a second close would close someone else's fd)."""
+    closed: list[int] = []
+    real_close = os.close
+
+    def recording_close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", recording_close)
+    fe = VhostUserFrontend(sock_path)
+    fe.handshake()
+    fe.set_features(fe.get_features())
+    fe.set_vring_num(0, 64)
+    fe.set_vring_addr(0, 0x1000, 0x2000, 0x3000)
+    fe.set_vring_enable(0, True)
+    kick = os.eventfd(0)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        fe.send(R.SET_VRING_KICK, struct.pack("<Q", 0), [kick])
+    assert _closed(fe)
+    wait_until(lambda: "disconnected" in backend.events, 5, "the drop")
+    backend.call(lambda: None)  # the backend's teardown has finished
+    theirs = [fd for fd in closed if fd != kick]
+    assert len(theirs) == len(set(theirs)), f"an fd was closed twice: {sorted(theirs)}"
+    real_close(kick)
+    fe.close()

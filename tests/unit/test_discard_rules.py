@@ -165,3 +165,59 @@ def test_report_ranges_near_2_64_discard_nothing(
     assert eng.discard_gpa_ranges([(gpa, length)]) == 0
     assert eng.metrics.bytes_discarded == before
     assert ram.mapping[:FRAME_SIZE] == b"\x5a" * FRAME_SIZE
+
+
+# -- work one range report may cause ------------------------------------------------------------
+
+
+def _range_report(rig: Rig, report: bytes) -> tuple[int, int]:
+    status = rig.rings["range_report"].alloc(16)
+    assert rig.post("range_report", [report], [(status, 16)]) == 16
+    err, _, frames = ref.STATUS.unpack(rig.mem.read(status, 16))
+    return err, frames
+
+
+def test_a_report_over_the_run_limit_discards_nothing() -> None:
+    """A BITMAP of alternating bits names a run per set bit: a million syscalls in 256 KiB."""
+    ram = GuestRam(512 * MiB)
+    rig = Rig(ram)
+    start = WINDOW.stop
+    for runs in (ref.MAX_RUNS, ref.MAX_RUNS + 1):
+        before = rig.dev.metrics.discard_syscalls
+        report = ref.encode_bitmap(start, 0, range(0, 2 * runs, 2), 2 * runs)
+        err, frames = _range_report(rig, report)
+        syscalls = rig.dev.metrics.discard_syscalls - before
+        if runs == ref.MAX_RUNS:
+            assert (err, frames, syscalls) == (ref.OK, runs, runs)
+        else:
+            assert (err, frames, syscalls) == (ref.E_RUNS, 0, 0)
+    rig.close()
+    ram.close()
+
+
+def test_range_reports_honour_page_poison(prig: Rig) -> None:
+    prig.dev.write_config(12, struct.pack("<I", 0xAAAAAAAA))
+    before = prig.ram.allocated()
+    err, frames = _range_report(prig, ref.encode_pfn_len([(1024, 512)]))
+    assert (err, frames) == (ref.OK, 0)
+    assert prig.ram.allocated() == before and prig.ram.frame_intact(1024)
+    assert prig.dev.metrics.poison_skipped == 1
+    err, _ = _range_report(prig, ref.encode_pfn_len([(1024, 0)]))  # still validated
+    assert err == ref.E_RECORD
+
+
+def test_a_status_spanning_two_regions_is_written(ram: GuestRam) -> None:
+    """Adjacent regions (QEMU splits RAM so): the ring walk accepts the buffer, so must the
+    status write, or the frames go and the guest hears nothing."""
+    upper = GuestRam(4 * MiB, gpa=ram.size)
+    upper.fill_pattern()
+    rig = Rig(ram, extra=(upper.spec(),))
+    ring = rig.rings["range_report"]
+    first = upper.gpa // FRAME_SIZE
+    head = ring.add([ring.buffer(ref.encode_pfn_len([(first + 16, 16)]))], [(ram.size - 8, 16)])
+    rig.kick("range_report")
+    assert ring.get_used() == [(head, 16)]
+    err, _, frames = ref.STATUS.unpack(rig.mem.read(ram.size - 8, 16))
+    assert (err, frames) == (ref.OK, 16)
+    rig.close()
+    upper.close()

@@ -798,7 +798,7 @@ class Oracle:
     # -- the handlers --------------------------------------------------------------------
 
     def _record(self, kind: str, fn: Callable) -> Callable:
-        def call(*args: object) -> object:
+        def call(*args: object, **kw: object) -> object:
             if kind in ("inflate", "deflate"):
                 ptr, count = args
                 self.calls.append((kind, bytes(ffi.buffer(ptr, 4 * count))))  # type: ignore[arg-type]
@@ -806,7 +806,7 @@ class Oracle:
                 self.calls.append((kind, [tuple(r) for r in args[0]]))  # type: ignore[attr-defined]
             else:
                 self.calls.append((kind, bytes(args[0])))  # type: ignore[arg-type]
-            return fn(*args)
+            return fn(*args, **kw)
 
         return call
 
