@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass, field
 
 from device import BalloonConfig, BalloonDevice
+from device.runner import DEFAULT_POLL_LIMIT_US
 from vballoon.control import ControlServer, QmpServerError
 from vballoon.unix_socket import ClaimedSocket, SocketPathError
 from vhost_user import VhostUserDaemon
@@ -28,7 +29,7 @@ class ServeOptions:
     socket: str
     control: str
     client: bool = False
-    busy_poll_us: int = 0
+    busy_poll_us: int = DEFAULT_POLL_LIMIT_US
     config: BalloonConfig = field(default_factory=BalloonConfig)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -156,18 +157,51 @@ def test_add_and_remove_memory_regions(backend: BackendThread, sock_path: str) -
     extra.close()
 
 
-def test_busy_poll_catches_a_buffer_posted_without_a_kick(sock_path: str) -> None:
+def _poll_window(b: BackendThread, index: int) -> int:
+    def window() -> int:
+        backend = b.daemon.backend
+        assert backend is not None
+        return backend.runner._polls[index].window
+
+    return b.call(window)
+
+
+def test_polling_grows_with_a_quick_driver_and_catches_an_unkicked_buffer(
+    sock_path: str,
+) -> None:
     b = BackendThread(sock_path, busy_poll_us=300_000)
     ram = GuestRam(16 * MiB)
     ram.fill_pattern()
     g = Guest(sock_path, ram)
     g.start()
-    g.inflate(Queue.INFLATE, [300])  # work done: the backend now watches the ring
+    idx = g.index(Queue.INFLATE)
+    assert _poll_window(b, idx) == 0  # nothing learnt yet: no spinning
     ring = g.rings[Queue.INFLATE]
     before = ram.allocated()
+    for f in range(300, 316):  # a driver that posts each buffer as the last one returns
+        g.inflate(Queue.INFLATE, [f])
     ring.add([ring.buffer(struct.pack("<I", 400))])  # no kick
     assert g.wait_call(Queue.INFLATE), "the polling backend did not see the buffer"
-    assert ring.get_used() and before - ram.allocated() == FRAME_SIZE
+    assert ring.get_used() and before - ram.allocated() == 17 * FRAME_SIZE
+    assert _poll_window(b, idx) >= 10_000 * 2**8
+    g.close()
+    ram.close()
+    b.stop()
+
+
+def test_polling_backs_off_from_a_slow_driver(sock_path: str) -> None:
+    b = BackendThread(sock_path, busy_poll_us=2000)
+    ram = GuestRam(16 * MiB)
+    g = Guest(sock_path, ram)
+    g.start()
+    idx = g.index(Queue.INFLATE)
+    for f in range(300, 310):
+        g.inflate(Queue.INFLATE, [f])
+    assert _poll_window(b, idx) > 0
+    for f in range(310, 320):  # kicks 10 ms apart: polling 2 ms would never catch one
+        time.sleep(0.01)
+        g.inflate(Queue.INFLATE, [f])
+    assert _poll_window(b, idx) == 0, "the backend still spins for a driver that is slow"
     g.close()
     ram.close()
     b.stop()
