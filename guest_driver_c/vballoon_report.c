@@ -38,9 +38,14 @@
  * discarded. Boot with init_on_alloc=0 to measure the reports alone.
  *
  * If the wait is interrupted or times out, the pass is abandoned, not freed:
- * the device still owns the buffers and may still discard the blocks, so
- * blocks and buffers stay allocated until the device returns the last report
- * (a work item then frees them) or until the device is reset on remove.
+ * the device still owns the buffers of the batch in flight and may still
+ * discard its blocks, so those stay allocated until the device returns the
+ * last report (a work item then frees them) or until the device is reset on
+ * remove. Blocks of earlier batches and blocks never sent go back at once.
+ * If the device never answers, what stays taken is that batch: at most one
+ * pass's budget, by default half the free memory and at most 1 GiB
+ * (budget_pct 50, budget_mb 1024). The blocks were taken __GFP_MOVABLE but
+ * cannot move while a report names them.
  *
  * debugfs (/sys/kernel/debug/vballoon/): see vbr_debugfs_init().
  */
@@ -235,6 +240,7 @@ struct vbr_dev {
 	u64 budget_mb;
 	u32 budget_pct;
 	u32 report_bytes;
+	u32 batch_reports;		/* reports per notification (0: a queue's worth) */
 
 	/* Protects the counters and the last malformed result. */
 	spinlock_t stats_lock;
@@ -311,6 +317,37 @@ static void vbr_free_blocks(struct vbr_pass *pass)
 		if (!(++n % 256))
 			cond_resched();
 	}
+}
+
+/*
+ * An abandoned pass keeps only the blocks of the reports still with the
+ * device, [@first, pass->pos): earlier batches came back, later blocks were
+ * never sent. Both go back to the allocator now.
+ */
+static void vbr_keep_in_flight(struct vbr_pass *pass, struct list_head *first)
+{
+	struct list_head *p = pass->blocks.next, *next;
+	unsigned int n = 0;
+	bool in_flight = false;
+
+	for (; p != &pass->blocks; p = next) {
+		struct page *page = vbr_page(p);
+		unsigned int order = page_private(page);
+
+		next = p->next;
+		if (p == first)
+			in_flight = true;
+		if (p == pass->pos)
+			in_flight = false;
+		if (in_flight)
+			continue;
+		list_del(p);
+		set_page_private(page, 0);
+		__free_pages(page, order);
+		if (!(++n % 256))
+			cond_resched();
+	}
+	pass->pos = &pass->blocks;
 }
 
 /* Frames below the end of the highest node: where guest RAM ends. */
@@ -785,6 +822,8 @@ static int vbr_run_pass(struct vbr_dev *vb)
 	 */
 	nslots = vbr_size_slots(vb, encoding, mode, budget, min_order,
 				report_bytes, &slot_bytes);
+	if (READ_ONCE(vb->batch_reports))
+		nslots = min(nslots, READ_ONCE(vb->batch_reports));
 	pass = vbr_pass_alloc(nslots, slot_bytes);
 	if (!pass)
 		return -ENOMEM;
@@ -807,6 +846,8 @@ static int vbr_run_pass(struct vbr_dev *vb)
 	pass->c.alloc_ns = ktime_get_ns() - t;
 
 	while (pass->pos != &pass->blocks) {
+		struct list_head *batch = pass->pos;
+
 		t = ktime_get_ns();
 		for (n = 0; n < pass->nslots && pass->pos != &pass->blocks; n++)
 			vbr_encode(pass, &pass->slots[n]);
@@ -815,8 +856,11 @@ static int vbr_run_pass(struct vbr_dev *vb)
 		t = ktime_get_ns();
 		sent = vbr_submit(vb, pass, n);
 		err = vbr_wait(vb);
-		if (err)
-			return err;	/* abandoned: vb->pass keeps it */
+		if (err) {
+			/* abandoned: vb->pass keeps what the device still has */
+			vbr_keep_in_flight(pass, batch);
+			return err;
+		}
 		pass->c.wait_ns += ktime_get_ns() - t;
 		vbr_collect(pass, sent);
 		if (sent < n) {
@@ -1092,6 +1136,25 @@ static int vbr_report_bytes_set(void *data, u64 val)
 DEFINE_DEBUGFS_ATTRIBUTE(vbr_report_bytes_fops, vbr_report_bytes_get,
 			 vbr_report_bytes_set, "%llu\n");
 
+static int vbr_batch_reports_get(void *data, u64 *val)
+{
+	*val = READ_ONCE(((struct vbr_dev *)data)->batch_reports);
+	return 0;
+}
+
+static int vbr_batch_reports_set(void *data, u64 val)
+{
+	struct vbr_dev *vb = data;
+
+	if (val > vb->capacity)
+		return -EINVAL;
+	WRITE_ONCE(vb->batch_reports, val);
+	return 0;
+}
+
+DEFINE_DEBUGFS_ATTRIBUTE(vbr_batch_reports_fops, vbr_batch_reports_get,
+			 vbr_batch_reports_set, "%llu\n");
+
 /* Copy a short word written to a debugfs file, NUL-terminated. */
 static int vbr_get_word(const char __user *ubuf, size_t count, char *buf,
 			size_t size)
@@ -1338,9 +1401,11 @@ static const struct file_operations vbr_malformed_fops = {
  *   encoding      rw  pfn_len | pfn_order | bitmap
  *   bitmap_mode   rw  min_order | per_order
  *   min_order     rw  smallest block order taken (guest pages)
- *   budget_mb     rw  most MiB a pass takes (0: no limit)
- *   budget_pct    rw  most percent of free memory a pass takes (1-100)
+ *   budget_mb     rw  most MiB a pass takes (0: no limit; default 1024)
+ *   budget_pct    rw  most percent of free memory a pass takes (1-100; default 50)
  *   report_bytes  rw  largest readable part of a report (64-262144)
+ *   batch_reports rw  reports sent with one notification (0: as many as the
+ *                     queue holds, its size / 2; the default)
  *   trigger       w   run a pass; returns when it is done
  *   counters      r   sums over all passes
  *   last_pass     r   the last pass alone
@@ -1372,6 +1437,8 @@ static int vbr_debugfs_init(struct vbr_dev *vb)
 				   &vbr_budget_pct_fops);
 	debugfs_create_file_unsafe("report_bytes", 0644, dir, vb,
 				   &vbr_report_bytes_fops);
+	debugfs_create_file_unsafe("batch_reports", 0644, dir, vb,
+				   &vbr_batch_reports_fops);
 	debugfs_create_file("trigger", 0200, dir, vb, &vbr_trigger_fops);
 	debugfs_create_file("counters", 0444, dir, vb, &vbr_counters_fops);
 	debugfs_create_file("last_pass", 0444, dir, vb, &vbr_last_pass_fops);
@@ -1449,7 +1516,14 @@ static int vbr_probe(struct virtio_device *vdev)
 	vb->encoding = VBALLOON_ENC_PFN_LEN;
 	vb->bitmap_mode = VBR_BITMAP_MIN;
 	vb->min_order = pageblock_order;
-	vb->budget_pct = 90;
+	/*
+	 * A pass holds its blocks until the device returns its reports; if the
+	 * device never does (vballoon died: QEMU 11.1 cannot reconnect), the
+	 * blocks of the reports still out stay taken for good. So a pass takes
+	 * at most half the free memory and at most 1 GiB unless told otherwise.
+	 */
+	vb->budget_pct = 50;
+	vb->budget_mb = 1024;
 	vb->report_bytes = VBR_REPORT_MAX_BYTES;
 
 	err = vbr_init_vqs(vb);

@@ -338,6 +338,36 @@ def test_pass_abandoned_on_timeout_is_freed_when_the_device_answers(vm: VM) -> N
     assert_healthy(vm)
 
 
+def test_an_abandoned_pass_keeps_only_the_batch_in_flight(vm: VM) -> None:
+    """Blocks of reports never sent go back when the pass gives up: what the silent device
+    keeps is the batch it has, not the whole pass."""
+    mod = ReportModule(vm)
+    mod.load()
+    vm.run(f"echo 3000 > /sys/module/{MODULE}/parameters/timeout_ms")
+    # One report of at most five records a batch: the pass needs many batches.
+    mod.set(encoding="pfn_order", budget_mb=256, report_bytes=64, batch_reports=1)
+    free0 = free_bytes(vm)
+    assert vm.backend is not None
+    os.kill(vm.backend.pid, signal.SIGSTOP)
+    try:
+        rc, out = mod.trigger(timeout=60)
+        assert rc != 0 and "timed out" in out.lower(), out
+        kept = free0 - free_bytes(vm)
+        # One batch: five blocks of at most 4 MiB, where the pass took 256 MiB.
+        assert kept <= 20 * MiB + 2 * MiB, f"{kept >> 20} MiB stay taken for a silent device"
+    finally:
+        os.kill(vm.backend.pid, signal.SIGCONT)
+    wait_for(lambda: mod.info()["pending"] == 0, 60, "the device to return the reports")
+    wait_for(lambda: free0 - free_bytes(vm) < 2 * MiB, 60, "the kept blocks to be freed")
+    assert_healthy(vm)
+
+
+def test_a_pass_takes_half_the_free_memory_and_1_gib_at_most_by_default(vm: VM) -> None:
+    mod = ReportModule(vm)
+    mod.load()
+    assert (mod.get("budget_pct"), mod.get("budget_mb")) == ("50", "1024")
+
+
 # -- a device without the feature -----------------------------------------------------------------
 
 
