@@ -10,9 +10,7 @@ expected value, or the run is reported as failed).
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import mmap
 import os
 import platform
 import random
@@ -28,9 +26,7 @@ from device import (
     BalloonDevice,
     BalloonMetrics,
     Feature,
-    GuestMemory,
     Queue,
-    RegionSpec,
 )
 from device._accel import ffi, lib
 from device.defs import FRAME_SIZE, LINUX_PFNS_PER_BUFFER
@@ -38,7 +34,6 @@ from device.discard import DiscardEngine
 from device.runner import DEFAULT_POLL_LIMIT_US
 from device.testing import RING_GPA, DriverRing, GuestRam, guest_memory
 from vballoon.units import GiB, MiB
-from vballoon.waiting import WaitTimeout, wait_until
 
 #: Linux's PAGE_REPORTING_CAPACITY: entries in one free-page report.
 REPORT_CAPACITY = 32
@@ -423,122 +418,39 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 class VhostUserBench:
-    """``vballoon serve`` in a child process, driven by our vhost-user frontend.
-
-    Guest RAM and the ring region are memfds shared with the child exactly as
-    QEMU shares them; every buffer is kicked through an eventfd and waited for
-    on the call eventfd, one at a time, as Linux's driver does.
-    """
+    """``vballoon serve`` in a child process, driven by our vhost-user frontend
+    (:mod:`vballoon.bench_rig`), one inflate buffer at a time."""
 
     def __init__(self, size: int, workdir: str, busy_poll_us: int, frontend_poll_us: int) -> None:
-        import select
-        import subprocess
-        import sys
+        from vballoon.bench_rig import Frontend, GuestMemfds, RigError, ServeChild
 
-        from vhost_user.frontend import FrontendRegion, VhostUserFrontend
-        from vhost_user.messages import F_PROTOCOL_FEATURES
-
-        self.select = select
         self.size = size
-        self.frontend_poll_ns = frontend_poll_us * 1000
-        sock = os.path.join(workdir, "vhost.sock")
-        ctl = os.path.join(workdir, "control.sock")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vballoon.cli",
-                "serve",
-                "--socket",
-                sock,
-                "--control",
-                ctl,
-                "--log-level",
-                "warning",
-                "--stats-interval",
-                "0",
-                "--busy-poll-us",
-                str(busy_poll_us),
-            ],
-        )
-        proc = self.proc
         try:
-            wait_until(
-                lambda: os.path.exists(sock) or proc.poll() is not None, 10, "vballoon serve"
-            )
-        except WaitTimeout as err:
+            self.child = ServeChild(workdir, "--busy-poll-us", str(busy_poll_us))
+        except RigError as err:
             raise BenchError(str(err)) from None
-        if proc.poll() is not None:
-            raise BenchError(f"vballoon serve exited with status {proc.returncode}")
-        self.fd = os.memfd_create("vballoon-bench-vu", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.ring_fd = os.memfd_create("vballoon-bench-vu-rings", os.MFD_CLOEXEC)
-        os.ftruncate(self.ring_fd, 16 * MiB)
-        self.ring_map = mmap.mmap(self.ring_fd, 16 * MiB, mmap.MAP_SHARED)
-        # Our own view of the ring region, for the driver side of the ring.
-        self.mem = GuestMemory([RegionSpec(RING_GPA, 16 * MiB, self.ring_map, self.ring_fd, 0)])
-        self.fe = VhostUserFrontend(sock)
-        features = self.fe.handshake() & (Feature.VERSION_1 | Feature.RING_EVENT_IDX)
-        self.fe.set_features(features | F_PROTOCOL_FEATURES)
-        uaddr = 0x7F00_0000_0000
-        self.fe.set_mem_table(
-            [
-                FrontendRegion(0, size, uaddr, self.fd),
-                FrontendRegion(RING_GPA, 16 * MiB, uaddr + RING_GPA, self.ring_fd),
-            ]
-        )
-        self.ring = DriverRing(self.mem, 64, RING_GPA, data_size=4 * MiB)
-        self.kick = os.eventfd(0, os.EFD_NONBLOCK)
-        self.call = os.eventfd(0, os.EFD_NONBLOCK)
-        self.fe.start_vring(
-            0,
-            64,
-            uaddr + self.ring.desc,
-            uaddr + self.ring.avail,
-            uaddr + self.ring.used,
-            self.kick,
-            self.call,
-        )
-
-    def allocated(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+        self.guest = GuestMemfds(size)
+        self.frontend = Frontend(self.child.sock, self.guest, queues=1, poll_us=frontend_poll_us)
+        self.rig_error = RigError
 
     def inflate(self, pfns: Sequence[int]) -> float:
         """Wall time to inflate ``pfns`` (driver side included, as in the in-process run)."""
-        os.posix_fallocate(self.fd, 0, self.size)
-        ring = self.ring
+        os.posix_fallocate(self.guest.fd, 0, self.size)
         t0 = time.perf_counter_ns()
-        for i in range(0, len(pfns), LINUX_PFNS_PER_BUFFER):
-            chunk = pfns[i : i + LINUX_PFNS_PER_BUFFER]
-            ring.add([ring.buffer(struct.pack(f"<{len(chunk)}I", *chunk))])
-            os.eventfd_write(self.kick, 1)
-            # As a KVM vCPU waits (halt polling): watch the used ring, then sleep.
-            poll_end = time.perf_counter_ns() + self.frontend_poll_ns
-            while ring.used_idx() == ring.last_used and time.perf_counter_ns() < poll_end:
-                pass
-            while not ring.get_used():
-                r, _, _ = self.select.select([self.call], [], [], 10)
-                if not r:
-                    raise BenchError("vhost-user inflate: no interrupt within 10 s")
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self.call)
+        try:
+            for i in range(0, len(pfns), LINUX_PFNS_PER_BUFFER):
+                self.frontend.post_pfns(0, pfns[i : i + LINUX_PFNS_PER_BUFFER])
+        except self.rig_error as err:
+            raise BenchError(f"vhost-user inflate: {err}") from None
         spent = time.perf_counter_ns() - t0
-        if self.allocated() > self.size - len(set(pfns)) * FRAME_SIZE:
+        if self.guest.allocated() > self.size - len(set(pfns)) * FRAME_SIZE:
             raise BenchError("vhost-user inflate did not return the memory")
         return spent / 1e9
 
     def close(self) -> None:
-        import signal
-
-        self.fe.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
-        self.mem.close()
-        gc.collect()
-        with contextlib.suppress(BufferError):
-            self.ring_map.close()
-        for fd in (self.fd, self.ring_fd, self.kick, self.call):
-            os.close(fd)
+        self.frontend.close()
+        self.child.close()
+        self.guest.close()
 
 
 def _inprocess_wall(b: DiscardBench, pfns: Sequence[int]) -> float:

@@ -131,6 +131,19 @@ def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from vballoon.bench import BenchError
+    from vballoon.bench_soak import format_soak, run_soak
+
+    try:
+        result = run_soak(cycles=args.cycles, connects=args.connects, sessions=args.sessions)
+    except BenchError as err:
+        print(f"vballoon bench soak: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else format_soak(result))
+    return 0 if result["met"] else 1
+
+
 def _cmd_bench_vm(args: argparse.Namespace) -> int:
     from vm_harness.bench_vm import format_vm_table, run_vm_bench
     from vm_harness.testenv import ProvisionError, ensure_testenv
@@ -297,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_FRONTEND_POLL_US}; 0: sleep at once)",
     )
     vu.set_defaults(func=_cmd_bench_vhost_user)
+
+    soak = bench_sub.add_parser(
+        "soak",
+        help="long running: does vballoon serve grow (memory, fds, mappings)?",
+        description="Run vballoon serve as a child while a frontend connects and disconnects, "
+        "doing inflate/deflate cycles, and control-socket sessions come and go; print the "
+        "growth of the child's resident memory, fds and mappings from the first tenth of the "
+        "work to the end: rss_growth_kib (goal <= 4096), fd_growth and maps_growth (goal "
+        "<= 0). Exit status 1 if a goal is missed.",
+    )
+    soak.add_argument("--json", action="store_true", help="print one JSON object")
+    soak.add_argument("--cycles", type=int, default=10_000, help="inflate/deflate cycles")
+    soak.add_argument("--connects", type=int, default=1_000, help="frontend connections")
+    soak.add_argument("--sessions", type=int, default=1_000, help="control-socket sessions")
+    soak.set_defaults(func=_cmd_bench_soak)
 
     vmb = bench_sub.add_parser(
         "vm",
