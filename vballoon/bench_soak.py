@@ -44,6 +44,19 @@ def process_usage(pid: int) -> dict[str, int]:
     return {"rss_kib": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")), "maps": maps}
 
 
+def settled_usage(pid: int) -> dict[str, int]:
+    """:func:`process_usage` once the child finished tearing its last connection down:
+    two samples 50 ms apart that agree on fds and mappings (at most 2 s)."""
+    last = process_usage(pid)
+    for _ in range(40):
+        time.sleep(0.05)
+        now = process_usage(pid)
+        if (now["fds"], now["maps"]) == (last["fds"], last["maps"]):
+            return now
+        last = now
+    return last
+
+
 async def _control_sessions(path: str, n: int) -> None:
     for _ in range(n):
         client = QMPClient("vballoon-soak")
@@ -98,10 +111,8 @@ def run_soak(cycles: int = 10_000, connects: int = 1_000, sessions: int = 1_000)
             for tenth in range(10):
                 _tenth(child, guest, rnd, cycles // 10, connects // 10, sessions // 10)
                 if tenth == 0:
-                    time.sleep(0.2)  # the child finishes tearing the last connection down
-                    start = process_usage(child.pid)
-            time.sleep(0.2)
-            end = process_usage(child.pid)
+                    start = settled_usage(child.pid)
+            end = settled_usage(child.pid)
         except (RigError, OSError) as err:
             raise BenchError(f"soak failed: {err}") from err
         finally:

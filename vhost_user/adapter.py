@@ -503,6 +503,7 @@ class BalloonVhostUserBackend(VhostUserBackend):
         """
         self._stop_device()
         self.runner.close()
+        self.runner.on_broken = None  # no adapter <-> runner cycle left for the collector
         for v in self.vrings:
             for fd in (v.kick, v.call, v.err):
                 _close_fd(fd)
