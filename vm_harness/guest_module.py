@@ -32,7 +32,7 @@ from vm_harness.testenv import ensure_testenv
 SOURCE_DIR: Path | None = None
 MODULE = "vballoon_report"
 #: Where the module sits in the guest.
-GUEST_KO = f"/lib/vballoon/{MODULE}.ko"
+GUEST_KO = f"/lib/vballoon/{MODULE}.ko"  # guest_path(MODULE)
 #: The module's debugfs directory in the guest.
 DEBUGFS = "/sys/kernel/debug/vballoon"
 #: Bump when the build or the image layout changes without a source changing.
@@ -59,8 +59,7 @@ def source_dir() -> Path:
     return SOURCE_DIR if SOURCE_DIR is not None else resource_dir("guest_driver_c")
 
 
-def _sources() -> list[Path]:
-    src = source_dir()
+def _sources(src: Path) -> list[Path]:
     files = sorted(
         p
         for p in src.iterdir()
@@ -104,8 +103,9 @@ def _prune(directory: Path, pattern: str) -> None:
 _WARNING = re.compile(r"\bwarning\b", re.IGNORECASE)
 
 
-def build_module(env: TestEnv) -> Path:
-    """Build ``vballoon_report.ko`` for the test guest's kernel; its host path.
+def build_module(env: TestEnv, src: Path | None = None, module: str = MODULE) -> Path:
+    """Build ``<module>.ko`` (default: ``vballoon_report.ko`` from :func:`source_dir`) for
+    the test guest's kernel from the sources in ``src``; its host path.
 
     Cached in ``<cache>/guest-module/`` by a hash of the sources, the kernel version and
     the headers' path. The build runs in ``<root>/tmp/vballoon-mod-<hash>`` (removed
@@ -114,12 +114,12 @@ def build_module(env: TestEnv) -> Path:
 
     :raise ModuleBuildError: with the full build output if ``make`` fails or warns.
     """
-    files = _sources()
+    files = _sources(source_dir() if src is None else src)
     digest = _digest(
         f"format={FORMAT} kernel={env.kernel_version} headers={env.headers_dir}".encode(),
         *(p.name.encode() + b"\0" + p.read_bytes() for p in files),
     )[:20]
-    out = _cache(env) / f"{MODULE}-{digest}.ko"
+    out = _cache(env) / f"{module}-{digest}.ko"
     if out.exists():
         return out
     with _locked(_cache(env) / "lock"):
@@ -141,7 +141,7 @@ def build_module(env: TestEnv) -> Path:
                 stdin=subprocess.DEVNULL,
             )
             output = res.stdout
-            ko = build / f"{MODULE}.ko"
+            ko = build / f"{module}.ko"
             warnings = [ln for ln in output.splitlines() if _WARNING.search(ln)]
             if res.returncode != 0 or not ko.exists() or warnings:
                 why = (
@@ -152,40 +152,45 @@ def build_module(env: TestEnv) -> Path:
                     else f"no {ko.name} came out"
                 )
                 raise ModuleBuildError(
-                    f"building {MODULE}.ko for {env.kernel_version} failed ({why}):\n"
+                    f"building {module}.ko for {env.kernel_version} failed ({why}):\n"
                     f"$ {' '.join(cmd)}\n{output}"
                 )
             tmp = out.with_name(out.name + ".tmp")
             shutil.copy(ko, tmp)
             os.replace(tmp, out)
-            _prune(out.parent, f"{MODULE}-*.ko")
+            _prune(out.parent, f"{module}-*.ko")
         finally:
             shutil.rmtree(build, ignore_errors=True)
     return out
 
 
-def initramfs_with_module(env: TestEnv, ko: Path) -> Path:
-    """The test initramfs with ``ko`` at :data:`GUEST_KO` and a debugfs mount hook.
+def guest_path(module: str) -> str:
+    """Where a module's ``.ko`` sits in the guest (:func:`initramfs_with_module`)."""
+    return f"/lib/vballoon/{module}.ko"
+
+
+def initramfs_with_module(env: TestEnv, ko: Path, module: str = MODULE) -> Path:
+    """The test initramfs with ``ko`` at :func:`guest_path` and a debugfs mount hook.
 
     Cached in ``<cache>/guest-module/`` by a hash of the base image, the module and the hook.
     """
     if env.initramfs is None:
         raise ValueError("the test environment has no guest image (ensure_testenv())")
     base = env.initramfs.read_bytes()
-    module = ko.read_bytes()
-    digest = _digest(f"format={FORMAT}".encode(), base, module, DEBUGFS_HOOK)[:20]
-    out = _cache(env) / f"initramfs-{MODULE}-{digest}.cpio.gz"
+    data = ko.read_bytes()
+    digest = _digest(f"format={FORMAT}".encode(), base, data, DEBUGFS_HOOK)[:20]
+    out = _cache(env) / f"initramfs-{module}-{digest}.cpio.gz"
     if out.exists():
         return out
     with _locked(_cache(env) / "lock"):
         if not out.exists():
             extra = write_cpio(
                 _cache(env) / f"extra-{digest}.cpio.gz",
-                {GUEST_KO: module, "etc/vballoon.d/50-debugfs.sh": DEBUGFS_HOOK},
+                {guest_path(module): data, "etc/vballoon.d/50-debugfs.sh": DEBUGFS_HOOK},
             )
             concat_initramfs(out, env.initramfs, extra)
             extra.unlink()
-            _prune(out.parent, f"initramfs-{MODULE}-*.cpio.gz")
+            _prune(out.parent, f"initramfs-{module}-*.cpio.gz")
     return out
 
 

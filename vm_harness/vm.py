@@ -103,6 +103,9 @@ class VMOptions:
     initramfs: str | None = None
     #: ``kvm`` or ``tcg`` instead of the test environment's probed accelerator
     accel: str | None = None
+    #: let a reset (QMP ``system_reset``, a guest reboot) restart the guest instead of
+    #: ending QEMU (``-no-reboot`` otherwise)
+    reboot: bool = False
 
 
 class VM:
@@ -164,6 +167,8 @@ class VM:
             "BUILTIN_PROPS": "".join(f",{k}={v}" for k, v in o.builtin_props.items()),
         }
         args = config_args("base", values) + config_args(f"memory-{o.memory}", values)
+        if o.reboot:
+            args = [a for a in args if a != "-no-reboot"]
         if o.balloon == "vballoon":
             args += config_args("balloon-vhost-user", values)
         elif o.balloon == "qemu":

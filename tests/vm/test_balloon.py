@@ -6,15 +6,10 @@ measured from outside QEMU: the guest RAM file's allocated blocks.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -282,28 +277,6 @@ def test_without_optional_features(env: TestEnv, balloon: str) -> None:
 
 
 # -- hugetlbfs ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def hugetlbfs() -> Iterator[str]:
-    """A 2 MiB hugetlbfs mount with room for a 1 GiB guest (root only)."""
-    if os.geteuid() != 0:
-        pytest.fail("the hugetlbfs VM test needs root (nr_hugepages, mount)")
-    path = "/proc/sys/vm/nr_hugepages"
-    old = int(Path(path).read_text())
-    Path(path).write_text(str(old + 540))
-    got = int(Path(path).read_text())
-    mnt = tempfile.mkdtemp(prefix="vballoon-huge-")
-    subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", mnt], check=True)
-    try:
-        if got < old + 540:
-            pytest.fail(f"could reserve only {got - old} huge pages")
-        yield mnt
-    finally:
-        subprocess.run(["umount", mnt], check=False)
-        os.rmdir(mnt)
-        with open(path, "w") as f:
-            f.write(str(old))
 
 
 @pytest.mark.parametrize("balloon", BALLOONS)
