@@ -17,8 +17,10 @@ LINUX_PFNS_PER_BUFFER = 256
 PFN_BATCH = 16384
 
 #: Bytes of one inflate/deflate buffer the device reads (Linux sends 1 KiB);
-#: the rest of a longer buffer is ignored, which bounds the work per chain.
-MAX_PFN_BUFFER_BYTES = 1 << 20
+#: the rest of a longer buffer is ignored, which bounds the work per chain:
+#: 32768 PFNs, so at most 32768 discard calls, the bound a range report has too
+#: (VBALLOON_REPORT_MAX_RUNS).
+MAX_PFN_BUFFER_BYTES = 128 * 1024
 
 #: Largest device-readable part of a range report the device reads.
 MAX_RANGE_REPORT_BYTES = 256 * 1024

@@ -58,9 +58,9 @@
  * The most runs of contiguous frames (after adjacent records merge) one
  * report may name: each run costs the device one discard call at least, and a
  * report is handled in one piece, so this bounds the work one report can
- * cause (about 0.1 s of 4 KiB punches). It equals the most PFN_ORDER records
- * a 256 KiB report holds; a BITMAP report of scattered blocks could otherwise
- * name a million runs. A report over it discards nothing.
+ * cause (about 0.1 s of 4 KiB punches). It is about the most PFN_ORDER
+ * records a 256 KiB report holds (32765); a BITMAP report of scattered blocks
+ * could otherwise name a million runs. A report over it discards nothing.
  */
 #define VBALLOON_REPORT_MAX_RUNS	32768
 

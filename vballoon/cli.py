@@ -19,6 +19,21 @@ from device.runner import DEFAULT_POLL_LIMIT_US
 from vballoon.units import SizeError, parse_size
 
 
+def gpa_range_arg(text: str) -> tuple[int, int]:
+    """argparse type for ``GPA+SIZE`` (``0x7f000000+16M``): a guest-physical range."""
+    start, sep, size = text.partition("+")
+    try:
+        gpa = int(start, 0) if start.lower().startswith("0x") else parse_size(start)
+        length = parse_size(size) if sep else 0
+    except (ValueError, SizeError):
+        raise argparse.ArgumentTypeError(
+            f"not a range: {text!r} (GPA+SIZE, e.g. 0x7f000000+16M)"
+        ) from None
+    if gpa < 0 or length <= 0 or gpa + length > 1 << 64:
+        raise argparse.ArgumentTypeError(f"not a range of guest-physical memory: {text!r}")
+    return gpa, length
+
+
 def size_arg(text: str) -> int:
     """argparse type for sizes (``512M``, ``1G``)."""
     try:
@@ -71,6 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("vballoon serve: --stats-interval must be >= 0", file=sys.stderr)
         return 2
     config = BalloonConfig(stats_interval=args.stats_interval)
+    config.reserved_gpa = (*config.reserved_gpa, *args.reserved)
     for _, fld, _ in FEATURE_SWITCHES:
         setattr(config, fld, not getattr(args, f"no_{fld}"))
     if args.busy_poll_us < 0:
@@ -222,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="PATH",
         help="QMP-compatible control socket to create (mode 0600)",
+    )
+    serve.add_argument(
+        "--reserved",
+        type=gpa_range_arg,
+        action="append",
+        default=[],
+        metavar="GPA+SIZE",
+        help="guest-physical memory that is never the guest's to give, even where a memory "
+        "region covers it: never discarded, nor any backing page holding it (repeatable). "
+        "The PC's legacy window 0xA0000+384K always is. Name q35's TSEG (the top 1-16 MiB "
+        "of RAM below 4 GiB, SMRAM) when guest RAM is on 1 GiB huge pages, whose rounding "
+        "puts it in a page of RAM",
     )
     serve.add_argument(
         "--stats-interval",

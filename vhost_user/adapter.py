@@ -1,7 +1,8 @@
 """The balloon device behind vhost-user: memory table, vrings, kicks and interrupts.
 
 One adapter serves one frontend connection; the :class:`device.BalloonDevice`
-outlives it (target, ballooned frames, counters survive a reconnect). The
+outlives it, and a new connection resets it (a new frontend is a new VM: only
+the operator's target and the counters carry over, see ``daemon.py``). The
 adapter maps the frontend's regions, converts ring addresses (frontend
 virtual addresses) to guest physical ones, starts a queue once it has a size,
 addresses, a kick fd and is enabled, and turns the device's interrupts into
@@ -10,8 +11,8 @@ NEED_REPLY: QEMU may be waiting in a synchronous GET_CONFIG, and a backend
 that waits for the reply would stall the guest).
 
 Decisions: no INFLIGHT_SHMFD (balloon buffers are idempotent: a frontend that
-reconnects rewinds to the used index, and re-discarding an unreturned buffer
-is harmless); no LOG_ALL/LOG_SHMFD (the QEMU test device is unmigratable, and
+restarts its rings rewinds to the used index, and re-discarding an unreturned
+buffer is harmless); no LOG_ALL/LOG_SHMFD (the QEMU test device is unmigratable, and
 without them QEMU blocks migration, which is right for a backend that cannot
 log); no PAGEFAULT (postcopy would need discards to stop on the destination).
 """

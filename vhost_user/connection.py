@@ -4,6 +4,13 @@ A message is a 12-byte header and ``size`` payload bytes. File descriptors
 arrive as SCM_RIGHTS with the first ``recvmsg`` of a message (the one that
 reads the header); a control buffer too small for them (MSG_CTRUNC) would
 silently lose fds, so that is a protocol error.
+
+The backend reads with :meth:`Connection.poll_message`, which never blocks: a
+message that arrives in pieces is assembled across calls, and one that is not
+whole :data:`BODY_TIMEOUT` seconds after its first byte is a protocol error
+(:meth:`Connection.overdue` tells when to look). A frontend that sends half a
+message and stalls therefore holds nothing but its own connection. The test
+frontend reads replies with the blocking :meth:`Connection.recv_message`.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ class Connection:
         self.sock = sock
         self.send_limit = send_limit
         self._pending = bytearray()
+        # A message being assembled by poll_message: its bytes, fds, header, first byte's time.
+        self._rx = bytearray()
+        self._rx_fds: list[int] = []
+        self._rx_header: Header | None = None
+        self._rx_since = 0.0
         sock.setblocking(True)
 
     @property
@@ -73,6 +85,73 @@ class Connection:
             chunks.append(data)
             n -= len(data)
         return b"".join(chunks)
+
+    @property
+    def receiving(self) -> bool:
+        """Whether part of a message has arrived and the rest has not."""
+        return bool(self._rx)
+
+    def overdue(self, now: float | None = None) -> bool:
+        """Whether a message being assembled is older than :data:`BODY_TIMEOUT`."""
+        t = time.monotonic() if now is None else now
+        return bool(self._rx) and t - self._rx_since > BODY_TIMEOUT
+
+    def poll_message(self) -> tuple[Header, bytes, list[int]] | None:
+        """Take what the peer sent so far, without blocking; a whole message once one is
+        complete (the caller owns its fds), else None.
+
+        :raise DisconnectedError: on EOF.
+        :raise ProtocolError: on a malformed header, lost fds, or a message not whole
+            :data:`BODY_TIMEOUT` seconds after its first byte.
+        """
+        try:
+            return self._poll_message()
+        except BaseException:
+            _close_fds(self._rx_fds)
+            self._rx_fds = []
+            raise
+
+    def _poll_message(self) -> tuple[Header, bytes, list[int]] | None:
+        if self.overdue():
+            raise ProtocolError(f"message not whole {BODY_TIMEOUT:g} s after its first byte")
+        if self._rx_header is None:
+            try:
+                data, fds, flags, _ = socket.recv_fds(
+                    self.sock, HEADER_SIZE - len(self._rx), MAX_FDS, socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                return None
+            except (ConnectionResetError, BrokenPipeError) as err:
+                raise DisconnectedError(str(err)) from err
+            self._rx_fds += fds  # they ride on the first byte of the message
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError(f"more than {MAX_FDS} file descriptors in one message")
+            if not data:
+                raise DisconnectedError(
+                    "peer closed the connection" + (" mid-message" if self._rx else "")
+                )
+            if not self._rx:
+                self._rx_since = time.monotonic()
+            self._rx += data
+            if len(self._rx) < HEADER_SIZE:
+                return None
+            self._rx_header = Header.unpack(bytes(self._rx))
+        need = HEADER_SIZE + self._rx_header.size
+        while len(self._rx) < need:
+            try:
+                data = self.sock.recv(need - len(self._rx), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            except (ConnectionResetError, BrokenPipeError) as err:
+                raise DisconnectedError(str(err)) from err
+            if not data:
+                raise DisconnectedError("peer closed the connection mid-message")
+            self._rx += data
+        msg = (self._rx_header, bytes(self._rx[HEADER_SIZE:]), self._rx_fds)
+        self._rx = bytearray()
+        self._rx_fds = []
+        self._rx_header = None
+        return msg
 
     def recv_message(self) -> tuple[Header, bytes, list[int]]:
         """Read one whole message; the caller owns the returned fds.
@@ -166,5 +245,7 @@ class Connection:
         return True
 
     def close(self) -> None:
+        _close_fds(self._rx_fds)
+        self._rx_fds = []
         with contextlib.suppress(OSError):
             self.sock.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from device import BalloonDevice
 from device.defs import FRAME_SIZE
 from vhost_user.adapter import BalloonVhostUserBackend
+from vhost_user import connection
 from vhost_user.connection import Connection
 from vhost_user.dispatcher import Dispatcher
 from vhost_user.errors import DisconnectedError, VhostUserError
@@ -69,6 +70,7 @@ class VhostUserDaemon:
         self.backend: BalloonVhostUserBackend | None = None
         self.connections = 0
         self._reconnect: asyncio.TimerHandle | None = None
+        self._overdue_check: asyncio.TimerHandle | None = None
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------
@@ -114,6 +116,7 @@ class VhostUserDaemon:
             return
         assert self.path is not None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)  # a full backlog must not block the process: try later
         try:
             sock.connect(self.path)
         except OSError as err:
@@ -141,8 +144,26 @@ class VhostUserDaemon:
             self.on_event("connected")
 
     def _on_readable(self) -> None:
-        assert self.dispatcher is not None
+        assert self.dispatcher is not None and self.conn is not None and self.loop is not None
         self._guarded(self.dispatcher.handle_one)
+        conn = self.conn
+        if conn is not None and conn.receiving and self._overdue_check is None:
+            # Half a message and then silence: no readable event will come to time it out.
+            self._overdue_check = self.loop.call_later(
+                connection.BODY_TIMEOUT, self._check_overdue
+            )
+
+    def _check_overdue(self) -> None:
+        self._overdue_check = None
+        conn = self.conn
+        if conn is None or not conn.receiving:
+            return
+        if conn.overdue():
+            log.error("vhost-user: closing the connection: a message did not arrive whole")
+            self._drop("protocol error")
+        else:
+            assert self.loop is not None
+            self._overdue_check = self.loop.call_later(0.1, self._check_overdue)
 
     def _on_writable(self) -> None:
         assert self.conn is not None
@@ -175,6 +196,9 @@ class VhostUserDaemon:
         if self.conn is None:
             return
         assert self.loop is not None
+        if self._overdue_check is not None:
+            self._overdue_check.cancel()
+            self._overdue_check = None
         self.loop.remove_reader(self.conn.fileno())
         self.loop.remove_writer(self.conn.fileno())
         if self.backend is not None:
@@ -182,7 +206,8 @@ class VhostUserDaemon:
         self.conn.close()
         self.conn = self.dispatcher = self.backend = None
         log.info(
-            "vhost-user: %s; the device keeps the guest's balloon (%d MiB)",
+            "vhost-user: %s; the device is stopped (the guest said it held %d MiB); "
+            "a new frontend starts it afresh",
             why,
             self.device.actual * FRAME_SIZE >> 20,
         )

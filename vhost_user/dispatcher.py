@@ -210,13 +210,17 @@ class Dispatcher:
     def negotiated(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & feature)
 
-    def handle_one(self) -> FrontendReq:
-        """Read and handle one request (runs in the event loop).
+    def handle_one(self) -> FrontendReq | None:
+        """Take what the frontend sent and handle a request once one is whole (runs in the
+        event loop, never blocks); None while a request is still arriving.
 
         :raise ProtocolError: the frontend broke the protocol (close the connection).
         :raise DisconnectedError: the frontend went away.
         """
-        header, body, fds = self.conn.recv_message()
+        msg = self.conn.poll_message()
+        if msg is None:
+            return None
+        header, body, fds = msg
         try:
             req = self._check(header, body, fds)
         except BaseException:

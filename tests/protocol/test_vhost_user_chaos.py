@@ -30,6 +30,8 @@ HUGE_GPA = 1 << 30
 HUGE = 2 * MiB // FRAME_SIZE
 HUGE_FIRST = HUGE_GPA // FRAME_SIZE
 HUGE_PAGES = 2
+#: The PC's legacy window: the device must never discard it, named or not.
+WINDOW = range(0xA0, 0x100)
 
 
 class World:
@@ -81,6 +83,8 @@ def _frames(rnd: random.Random) -> list[int]:
         page, half = rnd.randrange(HUGE_PAGES), rnd.randrange(2)
         first = HUGE_FIRST + page * HUGE + half * HUGE // 2
         return list(range(first, first + HUGE // 2))
+    if rnd.random() < 0.2:  # the legacy window, which no guest may give
+        return list(range(WINDOW.start - 4, WINDOW.stop + 4))
     return [rnd.randrange(LOW_FRAMES) for _ in range(rnd.randint(1, 64))]
 
 
@@ -100,11 +104,12 @@ def _one_life(w: World, rnd: random.Random) -> set[int]:
             frames = _frames(rnd)
             if rnd.random() < 0.7:
                 g.inflate(Queue.INFLATE, frames)
-                named |= set(frames)
+                named |= set(frames) - set(WINDOW)
+                g.fe.set_config(4, struct.pack("<I", len(frames)))  # the guest's actual
             else:
                 blocks = [(f * FRAME_SIZE, FRAME_SIZE) for f in frames[:8]]
                 g.post(Queue.REPORTING, [], blocks)
-                named |= set(frames[:8])
+                named |= set(frames[:8]) - set(WINDOW)
         if death == "mid-message":
             body = VringState(0, 64).pack()
             msg = struct.pack("<III", FrontendReq.SET_VRING_NUM, 1, len(body)) + body
@@ -113,7 +118,7 @@ def _one_life(w: World, rnd: random.Random) -> set[int]:
             frames = _frames(rnd)
             ring = g.rings[Queue.INFLATE]
             ring.add([ring.buffer(struct.pack(f"<{len(frames)}I", *frames))])
-            named |= set(frames)  # the device may or may not get to it
+            named |= set(frames) - set(WINDOW)  # the device may or may not get to it
             if rnd.random() < 0.5:
                 g.notify(Queue.INFLATE)
         elif death == "between-stop-steps":

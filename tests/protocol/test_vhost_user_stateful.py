@@ -26,9 +26,15 @@ import tempfile
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from device import Queue
+from device import Feature, Queue
 from device.defs import PC_LEGACY_WINDOW
 from device.testing import FRAME_SIZE, GuestRam, MiB, frame_pattern
 from tests.conftest import is_root
@@ -48,6 +54,14 @@ HUGE = 2 * MiB // FRAME_SIZE
 HUGE_FIRST = HUGE_GPA // FRAME_SIZE
 HUGE_FRAMES = range(HUGE_FIRST, HUGE_FIRST + HUGE_PAGES * HUGE)
 
+#: Every half of every huge page, as frame sets.
+HALVES = [
+    frozenset(
+        range(HUGE_FIRST + p * HUGE + h * HUGE // 2, HUGE_FIRST + p * HUGE + (h + 1) * HUGE // 2)
+    )
+    for p in range(HUGE_PAGES)
+    for h in (0, 1)
+]
 half_page = st.tuples(st.integers(0, HUGE_PAGES - 1), st.integers(0, 1)).map(
     lambda t: list(
         range(
@@ -96,6 +110,13 @@ class BackendStateMachine(RuleBasedStateMachine):
         #: what the guest gave and has not taken back, and what it reported and not reused
         self.balloon: set[int] = set()
         self.reported: set[int] = set()
+        self.touched: set[int] = set()  # huge pages the guest gave frames of
+        self.must_tell_host = True
+
+    @initialize(must_tell_host=st.booleans())
+    def first_vm(self, must_tell_host: bool) -> None:
+        """Without MUST_TELL_HOST a driver may reuse a page once its deflate is queued."""
+        self.must_tell_host = must_tell_host
         self.boot()
 
     # -- the guest's side ------------------------------------------------------------
@@ -103,7 +124,23 @@ class BackendStateMachine(RuleBasedStateMachine):
     def boot(self) -> None:
         """A new VM connects (QEMU's realize and start sequence, fresh rings)."""
         self.guest = Guest(self.path, self.low, extra=(self.huge,))
+        if not self.must_tell_host:
+            self.guest.features &= ~Feature.MUST_TELL_HOST
         self.guest.start()
+
+    def post_and_wait(self, q: Queue, pfns: list[int]) -> None:
+        """One PFN buffer, kicked; wait until the device returned it (buffers queued
+        earlier without waiting may come back meanwhile)."""
+        assert self.guest is not None
+        ring = self.guest.rings[q]
+        head = ring.add([ring.buffer(struct.pack(f"<{len(pfns)}I", *pfns))])
+        self.guest.notify(q)
+        seen: list[int] = []
+        wait_until(
+            lambda: seen.extend(h for h, _ in ring.get_used()) or head in seen,
+            5,
+            f"the device to return the {q.name.lower()} buffer",
+        )
 
     def rewrite(self, frames: set[int]) -> None:
         """The guest uses these frames again: its data goes back into them."""
@@ -126,9 +163,18 @@ class BackendStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.guest is not None)
     @rule(pfns=pfn_buffer)
     def inflate(self, pfns: list[int]) -> None:
-        assert self.guest is not None
-        self.guest.inflate(Queue.INFLATE, pfns)
+        self.post_and_wait(Queue.INFLATE, pfns)
         self.balloon |= {f for f in pfns if self.is_ram(f)}
+        self.touched |= {(f - HUGE_FIRST) // HUGE for f in pfns if f in HUGE_FRAMES}
+
+    @precondition(lambda self: self.guest is not None and self.touched)
+    @rule(data=st.data())
+    def inflate_a_half_of_a_touched_page(self, data: st.DataObject) -> None:
+        """Halves of pages the guest gave before (and maybe took back): what a stale
+        record would complete."""
+        page = data.draw(st.sampled_from(sorted(self.touched)))
+        half = data.draw(st.sampled_from([0, 1]))
+        self.inflate(sorted(HALVES[2 * page + half]))
 
     @precondition(lambda self: self.guest is not None and self.balloon)
     @rule(data=st.data())
@@ -136,7 +182,28 @@ class BackendStateMachine(RuleBasedStateMachine):
         assert self.guest is not None
         pool = sorted(self.balloon)
         pfns = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=256))
-        self.guest.inflate(Queue.DEFLATE, pfns)  # waits until the device returned it
+        self.post_and_wait(Queue.DEFLATE, pfns)  # as MUST_TELL_HOST has it
+        self.balloon -= set(pfns)
+        self.rewrite(set(pfns))
+
+    @precondition(lambda self: self.guest is not None and self.balloon and not self.must_tell_host)
+    @rule(data=st.data())
+    def deflate_queued_then_reuse_at_once(self, data: st.DataObject) -> None:
+        """Without MUST_TELL_HOST: queue the deflate, kick, and write the pages at once;
+        the device may serve the next inflate before this deflate."""
+        assert self.guest is not None
+        halves = [h for h in HALVES if h <= self.balloon]
+        if halves and data.draw(st.booleans()):
+            # A whole ballooned half: the next inflate of the other half is the hazard.
+            pfns = sorted(data.draw(st.sampled_from(halves)))
+        else:
+            pfns = data.draw(
+                st.lists(st.sampled_from(sorted(self.balloon)), min_size=1, max_size=256)
+            )
+        ring = self.guest.rings[Queue.DEFLATE]
+        ring.add([ring.buffer(struct.pack(f"<{len(pfns)}I", *pfns))])
+        if data.draw(st.booleans()):
+            self.guest.notify(Queue.DEFLATE)
         self.balloon -= set(pfns)
         self.rewrite(set(pfns))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -67,3 +68,26 @@ def test_bench_vhost_user_json_interface(capsys: pytest.CaptureFixture[str]) -> 
     result = json.loads(capsys.readouterr().out)
     assert result["vhost_user_vs_inprocess"] > 0
     assert result["seconds"]["vhost_user"] > 0 and result["seconds"]["inprocess"] > 0
+
+
+def test_reserved_ranges_parse() -> None:
+    from vballoon.cli import build_parser, gpa_range_arg
+
+    assert gpa_range_arg("0x7f000000+16M") == (0x7F000000, 16 << 20)
+    for bad in ("0x1000", "x+4K", "0x1000+0", "0x1000+-4K", f"{2**64 - 4096}+8K"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gpa_range_arg(bad)
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--socket",
+            "s",
+            "--control",
+            "c",
+            "--reserved",
+            "0x100000+1M",
+            "--reserved",
+            "4G+2M",
+        ]
+    )
+    assert args.reserved == [(1 << 20, 1 << 20), (4 << 30, 2 << 20)]
