@@ -181,6 +181,8 @@ static int vbh_run_case(struct vbh_dev *vb, const char *name)
 		return vbh_inflate(vb, beyond, ARRAY_SIZE(beyond));
 	if (!strcmp(name, "pfns_legacy_window"))
 		return vbh_inflate_range(vb, 0xa0, 0x60);
+	if (!strcmp(name, "first_2m_page"))	/* page 0 and the window with it */
+		return vbh_inflate_range(vb, 0, VBH_CANARY_SIZE >> VBH_FRAME_SHIFT);
 	if (!strcmp(name, "half_page_first"))
 		return vbh_inflate_range(vb, canary, VBH_HALF);
 	if (!strcmp(name, "half_page_second"))
