@@ -267,8 +267,8 @@ class FreePageHintHandler:
         return 0
 
 
-class ReportingHandler:
-    """Free-page reporting queue: each writable buffer is a free block to discard.
+class _ReportHandler:
+    """What both report queues need: the engine, the counters, and the page poison rule.
 
     :param poison_forbids_discard: returns True while PAGE_POISON with a non-zero
         poison_val is in force (a discard would turn the pages into zeros).
@@ -284,6 +284,10 @@ class ReportingHandler:
         self.metrics = metrics
         self.poison_forbids_discard = poison_forbids_discard
 
+
+class ReportingHandler(_ReportHandler):
+    """Free-page reporting queue: each writable buffer is a free block to discard."""
+
     def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int | None:
         self.metrics.reports += 1
         self.metrics.reported_bytes += chain.writable_len
@@ -295,25 +299,13 @@ class ReportingHandler:
         return 0
 
 
-class RangeReportHandler:
+class RangeReportHandler(_ReportHandler):
     """vballoon range-report queue (guest_driver_c/vballoon_report_abi.h).
 
     Readable part: header and records; writable part: the 16-byte status. With page
     poison in force a report is validated and answered, but nothing is discarded
     (the ABI header says so), as for free page reports.
-
-    :param poison_forbids_discard: as for :class:`ReportingHandler`
     """
-
-    def __init__(
-        self,
-        engine: DiscardEngine,
-        metrics: BalloonMetrics,
-        poison_forbids_discard: Callable[[], bool],
-    ) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.poison_forbids_discard = poison_forbids_discard
 
     def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int | None:
         self.metrics.range_reports += 1
