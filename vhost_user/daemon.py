@@ -16,9 +16,9 @@ import logging
 import socket
 from collections.abc import Callable
 
+import vhost_user.connection
 from device import BalloonDevice
 from device.defs import FRAME_SIZE
-from vhost_user import connection
 from vhost_user.adapter import BalloonVhostUserBackend
 from vhost_user.connection import Connection
 from vhost_user.dispatcher import Dispatcher
@@ -149,7 +149,9 @@ class VhostUserDaemon:
         conn = self.conn
         if conn is not None and conn.receiving and self._overdue_check is None:
             # Half a message and then silence: no readable event will come to time it out.
-            self._overdue_check = self.loop.call_later(connection.BODY_TIMEOUT, self._check_overdue)
+            self._overdue_check = self.loop.call_later(
+                vhost_user.connection.BODY_TIMEOUT, self._check_overdue
+            )
 
     def _check_overdue(self) -> None:
         self._overdue_check = None
