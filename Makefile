@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 #: The Python packages of the distribution (what ruff, mypy and the wheel cover).
-PACKAGES := device vhost_user vballoon vm_harness
+PACKAGES := device vfio_user vhost_user virtio_pci vballoon vm_harness
 
 .PHONY: dev check test test-host lint demo bench clean
 

@@ -109,13 +109,13 @@ def _make_region(spec: RegionSpec) -> MemoryRegion:
         backing = (st.st_dev, st.st_ino)
     else:
         page_size, huge = FRAME_SIZE, False
-    # Huge pages can only be punched whole: a region whose file offset or size is
-    # not huge-page aligned is served, but never discarded.
-    unaligned = bool(spec.size % page_size or spec.fd_offset % page_size)
-    if unaligned:
-        log.warning(
+    # Huge pages can only be punched whole: one that sticks out of the region at either
+    # end (a region that does not start or end on a page of its file) is never
+    # discarded; the discard engine keeps to the pages inside.
+    if spec.size % page_size or spec.fd_offset % page_size:
+        log.debug(
             "region gpa=%#x size=%#x is not aligned to its %d byte backing pages: "
-            "memory in it will not be discarded",
+            "the partial pages at its edges are never discarded",
             spec.gpa,
             spec.size,
             page_size,
@@ -125,7 +125,7 @@ def _make_region(spec: RegionSpec) -> MemoryRegion:
         raise ConfigError(f"mapping of region gpa={spec.gpa:#x} is shorter than its size")
     view = view[: spec.size]
     cbuf = ffi.from_buffer(view, require_writable=True)
-    if spec.readonly or unaligned:
+    if spec.readonly:
         mode = DiscardMode.NONE
         page_size = FRAME_SIZE  # never discarded: no huge-page completion to track
     elif not spec.shared:

@@ -105,6 +105,11 @@ class QueueRunner:
     def _on_kick(self, index: int, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(fd)
+        self.kick(index)
+
+    def kick(self, index: int) -> None:
+        """The driver notified queue ``index`` (an eventfd, or a transport's notify
+        message): adapt its polling window, then handle it."""
         poll = self._polls.get(index)
         if poll is not None and poll.idle_since and self.busy_poll_ns:
             # Would a window up to the limit have caught this kick? Then poll longer.

@@ -1,7 +1,7 @@
 """The ``vballoon`` command line.
 
 Subcommands:
-  serve           the device process QEMU attaches over vhost-user
+  serve           the device process QEMU attaches over vhost-user or vfio-user
   ctl             talk to a running ``serve`` through its control socket
   bench discard   the device's data path against raw kernel syscalls
   demo            an in-process guest balloons and reports memory; shows it coming back
@@ -92,10 +92,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.busy_poll_us < 0:
         print("vballoon serve: --busy-poll-us must be >= 0", file=sys.stderr)
         return 2
+    if args.client and args.vfio_user:
+        print("vballoon serve: --client is for --socket (vhost-user) only", file=sys.stderr)
+        return 2
     opts = ServeOptions(
-        socket=args.socket,
+        socket=args.vfio_user or args.socket,
         control=args.control,
+        transport="vfio-user" if args.vfio_user else "vhost-user",
         client=args.client,
+        qemu_qmp=args.qemu_qmp,
         busy_poll_us=args.busy_poll_us,
         config=config,
     )
@@ -213,25 +218,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         parents=[common],
-        help="run the balloon device for QEMU (vhost-user)",
-        description="Run the virtio-balloon device. QEMU attaches it with "
-        "-chardev socket,id=bal,path=SOCKET -device vhost-user-test-device-pci,chardev=bal,"
-        "virtio-id=5,num_vqs=6,vq_size=64,config_size=16 and guest RAM from "
-        "-object memory-backend-memfd,share=on. Targets and stats go through the control "
-        "socket (QEMU's own balloon commands cannot reach an external device). "
-        "With this frontend a backend restart means a VM restart: QEMU 11.1's "
-        "vhost-user-test-device cannot reconnect.",
+        help="run the balloon device for QEMU (vhost-user or vfio-user)",
+        description="Run the virtio-balloon device beside QEMU, with guest RAM from "
+        "-object memory-backend-memfd,share=on (or a shared hugetlbfs file). "
+        "Over vhost-user (--socket): QEMU attaches it with -chardev socket,id=bal,path=SOCKET "
+        "-device vhost-user-test-device-pci,chardev=bal,virtio-id=5,num_vqs=6,vq_size=64,"
+        "config_size=16. Over vfio-user (--vfio-user): vballoon is a whole virtio-pci "
+        'function and QEMU attaches it with -device \'{"driver":"vfio-user-pci","socket":'
+        '{"type":"unix","path":"SOCKET"}}\'. Targets and stats go through the control '
+        "socket (QEMU's own balloon commands cannot reach an external device). QEMU 11.1 "
+        "reconnects to neither: a backend restart means a VM restart. Give --qemu-qmp with "
+        "vfio-user: QEMU would migrate the VM and leave the balloon dead on the other side.",
+    )
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="serve over vhost-user on this socket (created; QEMU connects to it)",
+    )
+    where.add_argument(
+        "--vfio-user",
+        metavar="PATH",
+        help="serve a virtio-pci function over vfio-user on this socket (created; QEMU's "
+        "vfio-user-pci connects to it)",
     )
     serve.add_argument(
-        "--socket",
-        required=True,
+        "--qemu-qmp",
         metavar="PATH",
-        help="vhost-user socket (created; QEMU connects to it)",
+        help="a QMP socket of QEMU's for vballoon alone (-qmp unix:PATH,server=on,wait=off): "
+        "vballoon refuses every live migration there, with a log line saying why (QEMU 11.1 "
+        "migrates a vfio-user device without its state). Use it with --vfio-user",
     )
     serve.add_argument(
         "--client",
         action="store_true",
-        help="connect to PATH instead (QEMU's chardev in server mode)",
+        help="with --socket: connect to PATH instead (QEMU's chardev in server mode)",
     )
     serve.add_argument(
         "--control",

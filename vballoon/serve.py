@@ -1,9 +1,10 @@
 """``vballoon serve``: the device process.
 
-Wires one :class:`device.BalloonDevice` to the vhost-user transport and the
-QMP-compatible control socket on one asyncio loop, then runs until SIGTERM or
-SIGINT. A signal is handled between two loop callbacks, so a chain being
-processed is finished and its buffer returned before the sockets close.
+Wires one :class:`device.BalloonDevice` to one transport (vhost-user, or
+vfio-user with the virtio-pci function) and the QMP-compatible control socket
+on one asyncio loop, then runs until SIGTERM or SIGINT. A signal is handled
+between two loop callbacks, so a chain being processed is finished and its
+buffer returned before the sockets close.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from dataclasses import dataclass, field
 from device import BalloonConfig, BalloonDevice
 from device.runner import DEFAULT_POLL_LIMIT_US
 from vballoon.control import ControlServer, QmpServerError
+from vballoon.migration_guard import MigrationGuard
 from vballoon.unix_socket import ClaimedSocket, SocketPathError
+from vfio_user import VfioUserServer
 from vhost_user import VhostUserDaemon
+from virtio_pci import VirtioPciFunction
 
 log = logging.getLogger("vballoon")
 
@@ -29,7 +33,11 @@ class ServeOptions:
 
     socket: str
     control: str
+    #: "vhost-user" or "vfio-user"
+    transport: str = "vhost-user"
     client: bool = False
+    #: QEMU's QMP socket for the migration guard (vfio-user), if any
+    qemu_qmp: str | None = None
     busy_poll_us: int = DEFAULT_POLL_LIMIT_US
     config: BalloonConfig = field(default_factory=BalloonConfig)
 
@@ -53,6 +61,7 @@ async def serve(opts: ServeOptions) -> int:
         if event == "disconnected":
             gc.collect(1)
 
+    daemon: VhostUserDaemon | VfioUserServer
     if opts.client:
         daemon = VhostUserDaemon(
             device,
@@ -62,15 +71,19 @@ async def serve(opts: ServeOptions) -> int:
         )
     else:
         try:
-            listener = ClaimedSocket(opts.socket, "vhost-user socket")
+            listener = ClaimedSocket(opts.socket, f"{opts.transport} socket")
         except SocketPathError as err:
             raise StartupError(str(err)) from err
-        daemon = VhostUserDaemon(
-            device,
-            listener=listener.sock,
-            busy_poll_us=opts.busy_poll_us,
-            on_event=connection_event,
-        )
+        if opts.transport == "vfio-user":
+            function = VirtioPciFunction(device, loop, busy_poll_us=opts.busy_poll_us)
+            daemon = VfioUserServer(function, listener.sock, on_event=connection_event)
+        else:
+            daemon = VhostUserDaemon(
+                device,
+                listener=listener.sock,
+                busy_poll_us=opts.busy_poll_us,
+                on_event=connection_event,
+            )
     control = ControlServer(opts.control, device)
     daemon.start(loop)
     try:
@@ -80,11 +93,20 @@ async def serve(opts: ServeOptions) -> int:
         if listener is not None:
             listener.release()
         raise StartupError(str(err)) from err
+    guard = MigrationGuard(opts.qemu_qmp) if opts.qemu_qmp else None
+    if guard is not None:
+        guard.start()
+    elif opts.transport == "vfio-user":
+        log.warning(
+            "no --qemu-qmp: nothing stops QEMU from migrating this VM, and a migrated "
+            "vfio-user balloon is dead on the destination"
+        )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "vballoon ready: vhost-user %s %s, control socket %s, offering features %#x",
+        "vballoon ready: %s %s %s, control socket %s, offering features %#x",
+        opts.transport,
         "connecting to" if opts.client else "listening on",
         opts.socket,
         opts.control,
@@ -92,6 +114,8 @@ async def serve(opts: ServeOptions) -> int:
     )
     await stop.wait()
     log.info("vballoon: signal received, shutting down")
+    if guard is not None:
+        await guard.close()
     daemon.close()
     if listener is not None:
         listener.release()

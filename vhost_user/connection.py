@@ -15,6 +15,7 @@ frontend reads replies with the blocking :meth:`Connection.recv_message`.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
@@ -23,8 +24,20 @@ import time
 from vhost_user.errors import DisconnectedError, ProtocolError
 from vhost_user.messages import HEADER_SIZE, MAX_FDS, Header
 
+#: Bytes of one descriptor in a control message.
+_FD_SIZE = array.array("i").itemsize
+
 #: Seconds to wait for the rest of a message once its header arrived.
 BODY_TIMEOUT = 5.0
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors of a ``recvmsg``'s control messages."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+    return list(fds)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -116,9 +129,14 @@ class Connection:
             raise ProtocolError(f"message not whole {BODY_TIMEOUT:g} s after its first byte")
         if self._rx_header is None:
             try:
-                data, fds, flags, _ = socket.recv_fds(
-                    self.sock, HEADER_SIZE - len(self._rx), MAX_FDS, socket.MSG_DONTWAIT
+                # Not socket.recv_fds: before Python 3.12 it drops its flags argument
+                # and would block the event loop on a spurious wakeup.
+                data, ancdata, flags, _ = self.sock.recvmsg(
+                    HEADER_SIZE - len(self._rx),
+                    socket.CMSG_SPACE(MAX_FDS * _FD_SIZE),
+                    socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
                 )
+                fds = _fds_of(ancdata)
             except BlockingIOError:
                 return None
             except (ConnectionResetError, BrokenPipeError) as err:

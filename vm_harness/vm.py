@@ -1,4 +1,5 @@
-"""The one QEMU launcher: a Linux guest with vballoon (vhost-user), QEMU's own balloon or none.
+"""The one QEMU launcher: a Linux guest with vballoon (over vhost-user or vfio-user), QEMU's
+own balloon, or none.
 
 Used by the VM tests, ``vballoon demo``, the VM benchmark, the studies and the
 accelerator probe. ``VM`` is a context manager that always tears everything
@@ -85,8 +86,10 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 class VMOptions:
     """How to build one VM."""
 
-    #: ``none``: no balloon device at all (e.g. the accelerator probe)
-    balloon: Literal["vballoon", "qemu", "none"] = "vballoon"
+    #: ``vballoon``: vballoon over vhost-user; ``vfio-user``: vballoon as a virtio-pci
+    #: function over vfio-user; ``qemu``: QEMU's own; ``none``: no balloon device at all
+    #: (e.g. the accelerator probe)
+    balloon: Literal["vballoon", "vfio-user", "qemu", "none"] = "vballoon"
     mem_mib: int = 1024
     cpus: int = 1
     memory: Literal["memfd", "hugetlbfs"] = "memfd"
@@ -120,6 +123,9 @@ class VM:
         self.qmp_sock = str(self.workdir / "qmp.sock")
         self.agent_sock = str(self.workdir / "agent.sock")
         self.vhost_sock = str(self.workdir / "vhost.sock")
+        self.vfio_sock = str(self.workdir / "vfio-user.sock")
+        #: the QMP monitor vballoon's migration guard uses (vfio-user)
+        self.guard_qmp_sock = str(self.workdir / "qmp-vballoon.sock")
         self.control_sock = str(self.workdir / "control.sock")
         self.qemu: subprocess.Popen[bytes] | None = None
         self.backend: subprocess.Popen[bytes] | None = None
@@ -163,6 +169,8 @@ class VM:
             "QMP_SOCK": self.qmp_sock,
             "HUGETLBFS": o.hugetlbfs or "",
             "VHOST_SOCK": self.vhost_sock,
+            "VFIO_SOCK": self.vfio_sock,
+            "GUARD_QMP_SOCK": self.guard_qmp_sock,
             "NUM_VQS": str(o.num_vqs),
             "BUILTIN_PROPS": "".join(f",{k}={v}" for k, v in o.builtin_props.items()),
         }
@@ -171,13 +179,15 @@ class VM:
             args = [a for a in args if a != "-no-reboot"]
         if o.balloon == "vballoon":
             args += config_args("balloon-vhost-user", values)
+        elif o.balloon == "vfio-user":
+            args += config_args("balloon-vfio-user", values)
         elif o.balloon == "qemu":
             args += config_args("balloon-builtin", values)
         return args
 
     def launch(self) -> None:
         """Start vballoon (if used), then QEMU; do not wait for the guest."""
-        if self.opts.balloon == "vballoon":
+        if self.is_vballoon:
             self._start_vballoon()
         with open(self._qemu_err, "wb") as err:
             self.qemu = subprocess.Popen(
@@ -195,7 +205,7 @@ class VM:
         self._check_alive("starting")
         self.qmp = QEMUMonitorProtocol(self.qmp_sock)
         self.qmp.connect(negotiate=True)
-        if self.opts.balloon == "vballoon":
+        if self.is_vballoon:
             self.ctl = QEMUMonitorProtocol(self.control_sock)
             self.ctl.connect(negotiate=True)
         else:
@@ -206,14 +216,22 @@ class VM:
         except Exception as err:
             raise VMError(f"guest did not come up: {err}\n{self.diagnostics()}") from err
 
+    @property
+    def is_vballoon(self) -> bool:
+        """Whether the balloon is vballoon (over either transport)."""
+        return self.opts.balloon in ("vballoon", "vfio-user")
+
     def _start_vballoon(self) -> None:
+        if self.opts.balloon == "vfio-user":
+            where = ["--vfio-user", self.vfio_sock, "--qemu-qmp", self.guard_qmp_sock]
+        else:
+            where = ["--socket", self.vhost_sock]
         cmd = [
             sys.executable,
             "-m",
             "vballoon.cli",
             "serve",
-            "--socket",
-            self.vhost_sock,
+            *where,
             "--control",
             self.control_sock,
             "--stats-interval",

@@ -295,14 +295,31 @@ static uint64_t page_frames(const struct balloon_accel_region *r)
 	return pf ? pf : 1;
 }
 
+/*
+ * Frames between the start of the backing page holding the region's first
+ * frame and that frame. Backing pages are aligned in the file, and a region
+ * need not start on one (vfio-user maps QEMU's sections as they are: guest
+ * RAM above 1 MiB starts 1 MiB into its hugetlbfs file). A page that sticks
+ * out of the region at either end holds memory the region does not describe:
+ * it is never discarded.
+ */
+static uint64_t page_phase(const struct balloon_accel_region *r)
+{
+	return (r->fd_offset >> BALLOON_ACCEL_FRAME_SHIFT) % page_frames(r);
+}
+
 /* Discard the whole backing pages inside frames [off, off + n): shrink, never grow. */
 static void discard_aligned(const struct balloon_accel_region *r, uint64_t off,
 			    uint64_t n, struct balloon_accel_counters *c)
 {
-	uint64_t pf = page_frames(r);
-	uint64_t s = (off + pf - 1) / pf * pf;
-	uint64_t e = (off + n) / pf * pf;
+	uint64_t pf = page_frames(r), ph = page_phase(r);
+	uint64_t s = (off + ph + pf - 1) / pf * pf - ph;
+	uint64_t e = (off + n + ph) / pf * pf;
 
+	/* e - ph without wrapping: no whole page ends inside the piece */
+	if (e < ph)
+		return;
+	e -= ph;
 	if (e > s)
 		discard(r, s, e - s, c);
 }
@@ -310,7 +327,8 @@ static void discard_aligned(const struct balloon_accel_region *r, uint64_t off,
 static void inflate_piece(const struct balloon_accel_region *r, uint64_t off,
 			  uint64_t n, struct balloon_accel_counters *c)
 {
-	uint64_t pf = page_frames(r), hp, first, last, run = 0, run_start = 0;
+	uint64_t pf = page_frames(r), ph, frames, hp, first, last, run = 0;
+	uint64_t run_start = 0;
 
 	c->frames_changed += bitmap_set(r->ballooned, off, n);
 	if (r->mode == BALLOON_ACCEL_MODE_NONE)
@@ -324,21 +342,26 @@ static void inflate_piece(const struct balloon_accel_region *r, uint64_t off,
 	 * ballooned, which may have taken several requests (Linux sends at
 	 * most 1 MiB per buffer). Merge consecutive complete pages.
 	 */
-	first = off / pf;
-	last = (off + n - 1) / pf;
+	ph = page_phase(r);
+	frames = r->size >> BALLOON_ACCEL_FRAME_SHIFT;
+	first = (off + ph) / pf;
+	last = (off + n - 1 + ph) / pf;
 	for (hp = first; hp <= last; hp++) {
-		if (bitmap_all_set(r->ballooned, hp * pf, pf)) {
+		/* page hp covers region frames [hp * pf - ph, + pf): whole ones only */
+		int whole = hp * pf >= ph && hp * pf - ph + pf <= frames;
+
+		if (whole && bitmap_all_set(r->ballooned, hp * pf - ph, pf)) {
 			if (!run)
-				run_start = hp;
+				run_start = hp * pf - ph;
 			run++;
 			continue;
 		}
 		if (run)
-			discard(r, run_start * pf, run * pf, c);
+			discard(r, run_start, run * pf, c);
 		run = 0;
 	}
 	if (run)
-		discard(r, run_start * pf, run * pf, c);
+		discard(r, run_start, run * pf, c);
 }
 
 /*
