@@ -417,21 +417,42 @@ def format_table(result: dict[str, Any]) -> str:
 # -- vhost-user: the same inflate through the socket, eventfds and rings ---------------
 
 
-class VhostUserBench:
-    """``vballoon serve`` in a child process, driven by our vhost-user frontend
-    (:mod:`vballoon.bench_rig`), one inflate buffer at a time."""
+class RemoteBench:
+    """``vballoon serve`` in a child process, driven over one transport's real socket
+    (:mod:`vballoon.bench_rig`), one inflate buffer at a time.
 
-    def __init__(self, size: int, workdir: str, busy_poll_us: int, frontend_poll_us: int) -> None:
-        from vballoon.bench_rig import Frontend, GuestMemfds, RigError, ServeChild
+    :param transport: ``vhost-user`` (our frontend, kick and call eventfds) or ``vfio-user``
+        (our virtio-pci driver: posted notify writes, an MSI-X eventfd)
+    """
 
+    def __init__(
+        self, transport: str, size: int, workdir: str, busy_poll_us: int, driver_poll_us: int
+    ) -> None:
+        from vballoon.bench_rig import Frontend, GuestMemfds, PciDriver, RigError, ServeChild
+
+        self.transport = transport
         self.size = size
+        self.rig_error = RigError
         try:
-            self.child = ServeChild(workdir, "--busy-poll-us", str(busy_poll_us))
+            self.child = ServeChild(
+                workdir, "--busy-poll-us", str(busy_poll_us), transport=transport
+            )
         except RigError as err:
             raise BenchError(str(err)) from None
         self.guest = GuestMemfds(size)
-        self.frontend = Frontend(self.child.sock, self.guest, queues=1, poll_us=frontend_poll_us)
-        self.rig_error = RigError
+        try:
+            if transport == "vfio-user":
+                pci = PciDriver(self.child.sock, self.guest, poll_us=driver_poll_us)
+                self._post: Callable[[Sequence[int]], None] = pci.post_pfns
+                self._close: Callable[[], None] = pci.close
+            else:
+                fe = Frontend(self.child.sock, self.guest, queues=1, poll_us=driver_poll_us)
+                self._post = lambda pfns: fe.post_pfns(0, pfns)
+                self._close = fe.close
+        except RigError as err:
+            self.child.close()
+            self.guest.close()
+            raise BenchError(f"{transport}: {err}") from None
 
     def inflate(self, pfns: Sequence[int]) -> float:
         """Wall time to inflate ``pfns`` (driver side included, as in the in-process run)."""
@@ -439,16 +460,16 @@ class VhostUserBench:
         t0 = time.perf_counter_ns()
         try:
             for i in range(0, len(pfns), LINUX_PFNS_PER_BUFFER):
-                self.frontend.post_pfns(0, pfns[i : i + LINUX_PFNS_PER_BUFFER])
+                self._post(pfns[i : i + LINUX_PFNS_PER_BUFFER])
         except self.rig_error as err:
-            raise BenchError(f"vhost-user inflate: {err}") from None
+            raise BenchError(f"{self.transport} inflate: {err}") from None
         spent = time.perf_counter_ns() - t0
         if self.guest.allocated() > self.size - len(set(pfns)) * FRAME_SIZE:
-            raise BenchError("vhost-user inflate did not return the memory")
+            raise BenchError(f"{self.transport} inflate did not return the memory")
         return spent / 1e9
 
     def close(self) -> None:
-        self.frontend.close()
+        self._close()
         self.child.close()
         self.guest.close()
 
@@ -469,43 +490,64 @@ def _inprocess_wall(b: DiscardBench, pfns: Sequence[int]) -> float:
     return spent / 1e9
 
 
+def run_transport_bench(
+    transport: str,
+    size: int = GiB,
+    repeat: int = 5,
+    busy_poll_us: int = DEFAULT_POLL_LIMIT_US,
+    driver_poll_us: int = DEFAULT_POLL_LIMIT_US,
+) -> dict[str, Any]:
+    """In-process wall time over wall time through ``transport``'s socket, the ratio of
+    the medians of ``repeat`` alternating runs, with the spread of the per-run ratios.
+
+    The JSON keys are an interface: ``vhost_user_vs_inprocess`` (goal 0.8) or
+    ``vfio_user_vs_inprocess`` (goal 0.7), ``seconds.vhost_user`` / ``seconds.vfio_user``.
+    """
+    import tempfile
+
+    key = transport.replace("-", "_")
+    pfns = list(range(FIRST_FRAME, size // FRAME_SIZE))
+    with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as tmp:
+        local = DiscardBench(size)
+        remote = RemoteBench(transport, size, tmp, busy_poll_us, driver_poll_us)
+        through: list[float] = []
+        inproc: list[float] = []
+        try:
+            # The child keeps the frames ballooned across runs; re-inflating them is still a
+            # full discard (4 KiB-backed memory), so every run does the same work.
+            for _ in range(repeat):
+                through.append(remote.inflate(pfns))
+                inproc.append(_inprocess_wall(local, pfns))
+        finally:
+            remote.close()
+            local.close()
+    per_run = [i / v for i, v in zip(inproc, through, strict=True)]
+    return {
+        f"{key}_vs_inprocess": round(statistics.median(inproc) / statistics.median(through), 3),
+        "spread": {"min": round(min(per_run), 3), "max": round(max(per_run), 3)},
+        "seconds": {
+            key: round(statistics.median(through), 4),
+            "inprocess": round(statistics.median(inproc), 4),
+        },
+        "goal": TRANSPORT_GOALS[transport],
+        "busy_poll_us": busy_poll_us,
+        # the driver side's polling (vhost-user: the frontend's, as before)
+        ("frontend_poll_us" if transport == "vhost-user" else "driver_poll_us"): driver_poll_us,
+        "runs": repeat,
+        "memory_bytes": size,
+        "machine": machine(),
+    }
+
+
+#: ``<transport>_vs_inprocess`` goals (the issues' numbers).
+TRANSPORT_GOALS = {"vhost-user": 0.8, "vfio-user": 0.7}
+
+
 def run_vhost_user_bench(
     size: int = GiB,
     repeat: int = 5,
     busy_poll_us: int = DEFAULT_POLL_LIMIT_US,
     frontend_poll_us: int = DEFAULT_POLL_LIMIT_US,
 ) -> dict[str, Any]:
-    """``vhost_user_vs_inprocess``: in-process wall time over vhost-user wall time, the
-    ratio of the medians of ``repeat`` alternating runs, with the spread of the per-run
-    ratios."""
-    import tempfile
-
-    pfns = list(range(FIRST_FRAME, size // FRAME_SIZE))
-    with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as tmp:
-        local = DiscardBench(size)
-        remote = VhostUserBench(size, tmp, busy_poll_us, frontend_poll_us)
-        vu: list[float] = []
-        inproc: list[float] = []
-        try:
-            # The child keeps the frames ballooned across runs; re-inflating them is still a
-            # full discard (4 KiB-backed memory), so every run does the same work.
-            for _ in range(repeat):
-                vu.append(remote.inflate(pfns))
-                inproc.append(_inprocess_wall(local, pfns))
-        finally:
-            remote.close()
-            local.close()
-    per_run = [i / v for i, v in zip(inproc, vu, strict=True)]
-    return {
-        "vhost_user_vs_inprocess": round(statistics.median(inproc) / statistics.median(vu), 3),
-        "spread": {"min": round(min(per_run), 3), "max": round(max(per_run), 3)},
-        "seconds": {
-            "vhost_user": round(statistics.median(vu), 4),
-            "inprocess": round(statistics.median(inproc), 4),
-        },
-        "goal": 0.8,
-        "busy_poll_us": busy_poll_us,
-        "frontend_poll_us": frontend_poll_us,
-        "memory_bytes": size,
-        "machine": machine(),
-    }
+    """``vhost_user_vs_inprocess`` (:func:`run_transport_bench` over vhost-user)."""
+    return run_transport_bench("vhost-user", size, repeat, busy_poll_us, frontend_poll_us)

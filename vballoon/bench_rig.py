@@ -1,5 +1,6 @@
 """What the benchmarks that cross a process boundary share: ``vballoon serve`` as a child,
-and a vhost-user frontend playing QEMU's part with a guest's memory and rings.
+and a vhost-user frontend or a vfio-user virtio-pci driver playing QEMU's (and the guest
+driver's) part with a guest's memory and rings.
 
 Guest RAM and the ring region are memfds shared with the child exactly as QEMU shares
 them; every buffer is kicked through an eventfd and waited for on the call eventfd, one
@@ -43,8 +44,9 @@ class ServeChild:
     :raise RigError: if it does not come up within 10 s.
     """
 
-    def __init__(self, workdir: str, *args: str) -> None:
-        self.sock = os.path.join(workdir, "vhost.sock")
+    def __init__(self, workdir: str, *args: str, transport: str = "vhost-user") -> None:
+        vfio = transport == "vfio-user"
+        self.sock = os.path.join(workdir, "vfio-user.sock" if vfio else "vhost.sock")
         self.control = os.path.join(workdir, "control.sock")
         self.proc = subprocess.Popen(
             [
@@ -52,7 +54,7 @@ class ServeChild:
                 "-m",
                 "vballoon.cli",
                 "serve",
-                "--socket",
+                "--vfio-user" if vfio else "--socket",
                 self.sock,
                 "--control",
                 self.control,
@@ -183,3 +185,71 @@ class Frontend:
         self.fe.close()
         for fd in (*self.kicks, *self.calls):
             os.close(fd)
+
+
+class PciDriver:
+    """QEMU's vfio-user part and Linux's virtio-pci driver on one connection: guest RAM
+    and the ring region DMA-mapped, VERSION_1 negotiated, the inflate queue running
+    with its MSI-X vector on an eventfd.
+
+    :param sock: the child's vfio-user socket
+    :param guest: the guest memory to map
+    :param poll_us: after a notify, watch the used ring this long before sleeping on the
+        vector's eventfd (a KVM vCPU halt-polls so; 0: sleep at once)
+    """
+
+    def __init__(self, sock: str, guest: GuestMemfds, poll_us: int = 0) -> None:
+        from vfio_user import VfioUserError
+        from virtio_pci.testing import VirtioPciDriver
+
+        self.guest = guest
+        self.poll_ns = poll_us * 1000
+        ram = GuestRamView(guest.fd, 0, guest.size)
+        self.driver = VirtioPciDriver(sock, ram)  # type: ignore[arg-type]
+        try:
+            self.driver.attach()
+            fd = os.dup(guest.ring_fd)  # QEMU sends a fresh descriptor with every map
+            try:
+                self.driver.client.dma_map(RING_GPA, RING_BYTES, fd, 0)
+            finally:
+                os.close(fd)
+            self.driver.negotiate(int(Feature.VERSION_1 | Feature.RING_EVENT_IDX))
+            self.ring = DriverRing(guest.mem, 64, RING_GPA, data_size=2 * MiB)
+            self.driver.setup_queue(0, self.ring)
+            self.driver.enable_queue(0)
+            self.driver.driver_ok()
+            self.notify_off = self.driver.queue_notify_off(0)
+        except (VfioUserError, OSError, AssertionError) as err:
+            self.driver.close()
+            raise RigError(f"vfio-user driver setup: {err}") from None
+        self.vector = self.driver.vectors[self.driver.queue_vector[0]]
+
+    def post_pfns(self, pfns: Sequence[int]) -> None:
+        """One buffer of le32 PFNs on the inflate queue; notify; wait until it is used.
+
+        :raise RigError: if no interrupt comes within 10 s.
+        """
+        ring = self.ring
+        ring.add([ring.buffer(struct.pack(f"<{len(pfns)}I", *pfns))])
+        self.driver.notify_fast(0, self.notify_off)
+        poll_end = time.perf_counter_ns() + self.poll_ns
+        while ring.used_idx() == ring.last_used and time.perf_counter_ns() < poll_end:
+            pass
+        while not ring.get_used():
+            ready, _, _ = select.select([self.vector], [], [], 10)
+            if not ready:
+                raise RigError("inflate queue: no interrupt within 10 s")
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.vector)
+
+    def close(self) -> None:
+        self.driver.close()
+
+
+class GuestRamView:
+    """The three attributes of :class:`device.testing.GuestRam` a driver maps (no mapping)."""
+
+    def __init__(self, fd: int, gpa: int, size: int) -> None:
+        self.fd = fd
+        self.gpa = gpa
+        self.size = size

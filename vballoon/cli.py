@@ -4,6 +4,9 @@ Subcommands:
   serve           the device process QEMU attaches over vhost-user or vfio-user
   ctl             talk to a running ``serve`` through its control socket
   bench discard   the device's data path against raw kernel syscalls
+  bench vhost-user, bench vfio-user
+                  inflate through serve's socket against the same work in process
+  bench vm        the same guest with vballoon and with QEMU's own balloon
   demo            an in-process guest balloons and reports memory; shows it coming back
 """
 
@@ -59,7 +62,8 @@ def _cmd_bench_discard(args: argparse.Namespace) -> int:
 
 #: Longest adaptive polling window of ``serve`` after work (see --busy-poll-us).
 DEFAULT_BUSY_POLL_US = DEFAULT_POLL_LIMIT_US
-#: How long ``bench vhost-user``'s frontend polls for a buffer before it sleeps.
+#: How long ``bench vhost-user``'s frontend (``bench vfio-user``'s driver) polls for a buffer
+#: before it sleeps.
 DEFAULT_FRONTEND_POLL_US = DEFAULT_POLL_LIMIT_US
 
 #: ``--no-X`` switches of ``serve``: (option, BalloonConfig field, what it turns off)
@@ -117,37 +121,47 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     return run_ctl(args.control, args.action, args.size, json_output=args.json)
 
 
-def _cmd_bench_vhost_user(args: argparse.Namespace) -> int:
-    from vballoon.bench import BenchError, run_vhost_user_bench
+def _cmd_bench_transport(args: argparse.Namespace) -> int:
+    from vballoon.bench import BenchError, run_transport_bench
 
+    transport = args.bench  # "vhost-user" or "vfio-user"
+    key = transport.replace("-", "_")
     try:
-        result = run_vhost_user_bench(
+        result = run_transport_bench(
+            transport,
             size=args.size,
             repeat=args.repeat,
             busy_poll_us=args.busy_poll_us,
-            frontend_poll_us=args.frontend_poll_us,
+            driver_poll_us=args.driver_poll_us,
         )
     except BenchError as err:
-        print(f"vballoon bench vhost-user: {err}", file=sys.stderr)
+        print(f"vballoon bench {transport}: {err}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     s, m, sp = result["seconds"], result["machine"], result["spread"]
+    ratio, goal = result[f"{key}_vs_inprocess"], result["goal"]
+    driver = "frontend" if transport == "vhost-user" else "driver"
+    wire = (
+        "socket, kick/call eventfds, rings, child"
+        if transport == "vhost-user"
+        else "socket, posted notify writes, MSI-X eventfd, rings, child"
+    )
     print(
-        f"vballoon bench vhost-user: {args.size >> 20} MiB inflated as 256-PFN buffers, "
+        f"vballoon bench {transport}: {args.size >> 20} MiB inflated as 256-PFN buffers, "
         f"{args.repeat} runs, medians"
     )
     print(f"  measured on {m['cpu']}, {m['cores']} cores, Linux {m['kernel']} (no VM)")
     print(
         f"  polling: serve up to {result['busy_poll_us']} us (adaptive), "
-        f"frontend {result['frontend_poll_us']} us (as a KVM vCPU halt-polls)"
+        f"{driver} {args.driver_poll_us} us (as a KVM vCPU halt-polls)"
     )
-    print(f"  vhost-user (socket, eventfds, rings, child): {s['vhost_user']:.3f} s")
-    print(f"  in-process (same rings and device):         {s['inprocess']:.3f} s")
+    print(f"  {transport} ({wire}): {s[key]:.3f} s")
+    print(f"  in-process (same rings and device): {s['inprocess']:.3f} s")
     print(
-        f"  vhost_user_vs_inprocess = {result['vhost_user_vs_inprocess']:.2f} "
-        f"(runs {sp['min']:.2f}-{sp['max']:.2f}; goal >= 0.8)"
+        f"  {key}_vs_inprocess = {ratio:.2f} (runs {sp['min']:.2f}-{sp['max']:.2f}; "
+        f"goal >= {goal}: {'met' if ratio >= goal else 'MISSED'})"
     )
     return 0
 
@@ -173,7 +187,11 @@ def _cmd_bench_vm(args: argparse.Namespace) -> int:
     try:
         env = ensure_testenv()
         result = run_vm_bench(
-            env, runs=args.runs, mem_mib=args.mem >> 20, target_mib=args.target >> 20
+            env,
+            runs=args.runs,
+            mem_mib=args.mem >> 20,
+            target_mib=args.target >> 20,
+            transport=args.transport,
         )
     except (ProvisionError, VMError) as err:
         print(f"vballoon bench vm: {err}", file=sys.stderr)
@@ -333,32 +351,43 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_bench_args(disc, "guest memory to discard per run", 3, "runs per scenario, median")
     disc.set_defaults(func=_cmd_bench_discard)
 
-    vu = bench_sub.add_parser(
-        "vhost-user",
-        help="inflate through vballoon serve over vhost-user vs the in-process path",
-        description="Start vballoon serve as a child, attach our vhost-user frontend with memfd "
-        "guest memory, and inflate 256-PFN buffers one at a time through kick and call "
-        "eventfds; compare with the same inflate in-process. Prints vhost_user_vs_inprocess "
-        "(in-process time / vhost-user time).",
-    )
-    _memory_bench_args(vu, "guest memory to inflate per run", 5, "runs, median of them")
-    vu.add_argument(
-        "--busy-poll-us",
-        type=int,
-        default=DEFAULT_BUSY_POLL_US,
-        metavar="US",
-        help=f"vballoon serve's --busy-poll-us (default {DEFAULT_BUSY_POLL_US})",
-    )
-    vu.add_argument(
-        "--frontend-poll-us",
-        type=int,
-        default=DEFAULT_FRONTEND_POLL_US,
-        metavar="US",
-        help="the frontend waits for each buffer as a KVM vCPU does: polls this long (KVM's "
-        f"default halt_poll_ns), then sleeps on the call eventfd (default "
-        f"{DEFAULT_FRONTEND_POLL_US}; 0: sleep at once)",
-    )
-    vu.set_defaults(func=_cmd_bench_vhost_user)
+    for transport, wire in (
+        ("vhost-user", "our vhost-user frontend with memfd guest memory, kick and call eventfds"),
+        (
+            "vfio-user",
+            "our vfio-user client and virtio-pci driver (DMA maps of memfd guest memory, "
+            "posted notify writes, an MSI-X eventfd)",
+        ),
+    ):
+        key = transport.replace("-", "_")
+        driver = "frontend" if transport == "vhost-user" else "driver"
+        tb = bench_sub.add_parser(
+            transport,
+            help=f"inflate through vballoon serve over {transport} vs the in-process path",
+            description=f"Start vballoon serve as a child, attach {wire}, and inflate 256-PFN "
+            "buffers one at a time, waiting for each one's interrupt; compare with the same "
+            f"inflate in-process. Prints {key}_vs_inprocess (in-process time / {transport} "
+            "time).",
+        )
+        _memory_bench_args(tb, "guest memory to inflate per run", 5, "runs, median of them")
+        tb.add_argument(
+            "--busy-poll-us",
+            type=int,
+            default=DEFAULT_BUSY_POLL_US,
+            metavar="US",
+            help=f"vballoon serve's --busy-poll-us (default {DEFAULT_BUSY_POLL_US})",
+        )
+        tb.add_argument(
+            f"--{driver}-poll-us",
+            dest="driver_poll_us",
+            type=int,
+            default=DEFAULT_FRONTEND_POLL_US,
+            metavar="US",
+            help=f"the {driver} waits for each buffer as a KVM vCPU does: polls this long "
+            "(KVM's default halt_poll_ns), then sleeps on the interrupt eventfd (default "
+            f"{DEFAULT_FRONTEND_POLL_US}; 0: sleep at once)",
+        )
+        tb.set_defaults(func=_cmd_bench_transport)
 
     soak = bench_sub.add_parser(
         "soak",
@@ -385,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
         "memory_returned. Needs the VM test environment (provisioned if missing).",
     )
     vmb.add_argument("--json", action="store_true", help="print one JSON object")
+    vmb.add_argument(
+        "--transport",
+        choices=("vhost-user", "vfio-user"),
+        default="vhost-user",
+        help="how vballoon attaches to QEMU (default vhost-user)",
+    )
     vmb.add_argument("--runs", type=int, default=3, help="runs per balloon (default 3)")
     vmb.add_argument("--mem", type=size_arg, default=2 << 30, help="guest memory (default 2G)")
     vmb.add_argument(

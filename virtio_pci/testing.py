@@ -213,6 +213,11 @@ class VirtioPciDriver:
         off = self._common(Common.QUEUE_NOTIFY_OFF, 2)
         self.client.write_u(w.bar, w.offset + off * self.notify_multiplier, 2, index, posted=True)
 
+    def queue_notify_off(self, index: int) -> int:
+        """Queue ``index``'s notify offset (what a driver reads once at setup)."""
+        self._common(Common.QUEUE_SELECT, 2, index)
+        return self._common(Common.QUEUE_NOTIFY_OFF, 2)
+
     def notify_fast(self, index: int, notify_off: int) -> None:
         """A notify with the offset already known (what a driver caches at setup)."""
         w = self.windows[VirtioCap.NOTIFY]

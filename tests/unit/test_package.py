@@ -48,6 +48,9 @@ def test_the_wheel_holds_the_accelerator_and_the_harness_data(installed: Install
     assert any(re.fullmatch(r"device/_balloon_accel\..*so", n) for n in names)
     for need in (
         "vm_harness/_data/qemu-configs/balloon-vhost-user.args",
+        "vm_harness/_data/qemu-configs/balloon-vfio-user.args",
+        "vfio_user/py.typed",
+        "virtio_pci/py.typed",
         "vm_harness/_data/guest/vbagent.c",
         "vm_harness/_data/guest_driver_c/vballoon_report_abi.h",
     ):
@@ -60,8 +63,10 @@ def test_installed_code_comes_from_site_packages(installed: Installed) -> None:
         [
             installed.bin("python"),
             "-c",
-            "import device, vballoon, vhost_user, vm_harness.resources as r; "
-            "print(device.__file__, vballoon.__file__, vhost_user.__file__, r.__file__); "
+            "import device, vballoon, vhost_user, vfio_user, virtio_pci, "
+            "vm_harness.resources as r; "
+            "print(device.__file__, vballoon.__file__, vhost_user.__file__, "
+            "vfio_user.__file__, virtio_pci.__file__, r.__file__); "
             "print(r.resource_dir('qemu-configs'))",
         ],
         cwd=installed.home,
@@ -83,6 +88,9 @@ def test_installed_help_and_host_benchmarks(installed: Installed) -> None:
     res = installed.run("bench", "vhost-user", "--size", "64M", "--repeat", "1", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["vhost_user_vs_inprocess"] > 0
+    res = installed.run("bench", "vfio-user", "--size", "64M", "--repeat", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["vfio_user_vs_inprocess"] > 0
 
 
 def test_installed_serve_and_ctl(installed: Installed) -> None:

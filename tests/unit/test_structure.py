@@ -14,15 +14,18 @@ from device import BalloonDevice
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The device process: what runs beside QEMU, installed without the VM harness.
-PROCESS_PACKAGES = ("device", "vhost_user", "vballoon")
+PROCESS_PACKAGES = ("device", "vhost_user", "vfio_user", "virtio_pci", "vballoon")
 PACKAGES = (*PROCESS_PACKAGES, "vm_harness")
 #: What each package may import besides itself: every import points down a floor (the
 #: process and the harness share the top floor; the harness may use the process).
 ALLOWED = {
     "device": set(),
     "vhost_user": {"device"},
-    "vballoon": {"device", "vhost_user"},
-    "vm_harness": {"device", "vhost_user", "vballoon"},
+    # a general vfio-user server: no device, no virtio
+    "vfio_user": set(),
+    "virtio_pci": {"device", "vfio_user"},
+    "vballoon": {"device", "vhost_user", "vfio_user", "virtio_pci"},
+    "vm_harness": {"device", "vhost_user", "vfio_user", "virtio_pci", "vballoon"},
 }
 #: ``vballoon`` imports the harness only inside functions (``demo``, ``bench vm``).
 LAZY_ONLY = {("vballoon", "vm_harness")}

@@ -1,7 +1,9 @@
-"""A real Linux guest under QEMU: vballoon over vhost-user and QEMU's own balloon, same checks.
+"""A real Linux guest under QEMU: vballoon over vhost-user, vballoon over vfio-user and QEMU's
+own balloon, same checks.
 
-Every scenario runs against both balloons (parameter ``balloon``). Memory is
-measured from outside QEMU: the guest RAM file's allocated blocks.
+Every scenario runs against the three balloons (parameter ``balloon``: ``vballoon`` is
+vhost-user, ``vfio-user`` is vballoon as a whole virtio-pci function, ``qemu`` is QEMU's
+own). Memory is measured from outside QEMU: the guest RAM file's allocated blocks.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from vm_harness.vm import VM, VMOptions, wait_for
 pytestmark = pytest.mark.vm
 
 MiB = 1 << 20
-BALLOONS = ["vballoon", "qemu"]
+#: vballoon's two transports
+OURS = ["vballoon", "vfio-user"]
+BALLOONS = [*OURS, "qemu"]
 
 
 def options(balloon: str, *, reporting: bool = False, **kw: object) -> VMOptions:
-    """The same guest for both balloons; free page reporting on or off on both."""
-    if balloon == "vballoon":
+    """The same guest for every balloon; free page reporting on or off on all."""
+    if balloon in OURS:
         args = [] if reporting else ["--no-reporting"]
-        return VMOptions(balloon="vballoon", vballoon_args=args, **kw)  # type: ignore[arg-type]
+        return VMOptions(balloon=balloon, vballoon_args=args, **kw)  # type: ignore[arg-type]
     props = {"free-page-reporting": "on"} if reporting else {}
     return VMOptions(balloon="qemu", builtin_props=props, **kw)  # type: ignore[arg-type]
 
@@ -67,7 +71,7 @@ def test_driver_binds_and_features_agree(env: TestEnv, balloon: str) -> None:
         assert feats & (1 << 32), "VERSION_1"
         assert feats & (1 << 1), "STATS_VQ"
         assert feats & (1 << 5), "REPORTING"
-        if balloon == "vballoon":
+        if balloon in OURS:
             info = vm.vballoon_info()
             assert int(info["features"]["negotiated"], 16) == feats
             assert info["queues"] == {
@@ -100,7 +104,7 @@ def test_inflate_returns_memory_and_keeps_data(env: TestEnv, balloon: str) -> No
             f"{balloon}: {returned >> 20} MiB of {ballooned >> 20} MiB came back"
         )
         assert held_sum(vm) == (checksum, 0), "held data changed while ballooning"
-        if balloon == "vballoon":
+        if balloon in OURS:
             info = vm.vballoon_info()
             assert info["ballooned-bytes"] == ballooned
             assert info["counters"]["refused-ranges"] == 0
@@ -123,7 +127,7 @@ def test_deflate_to_full_lets_the_guest_use_all_memory(env: TestEnv, balloon: st
         print(f"{balloon}: {fresh} MiB allocatable before ballooning, {again} MiB after deflate")
         # Within 10% (the kernel keeps some slab from the cycle); far above the 384 MiB left.
         assert again >= 0.9 * fresh, f"{balloon}: {again} MiB allocatable again, {fresh} before"
-        if balloon == "vballoon":
+        if balloon in OURS:
             assert vm.vballoon_info()["ballooned-bytes"] == 0
 
 
@@ -150,16 +154,20 @@ def test_pause_and_resume_keep_the_balloon(env: TestEnv, balloon: str) -> None:
         vm.qmp.cmd("stop")
         assert run_state(vm) == "paused"
         assert vm.actual() == target, "paused: query-balloon lost the balloon"
-        if balloon == "vballoon":
+        if balloon in OURS:
             paused = vm.vballoon_info()
             assert paused["ballooned-bytes"] == 256 * MiB and paused["actual"] == target
-            # QEMU 11.1 stops every ring and sends no SET_STATUS(0): the device is suspended.
-            assert paused["active-queues"] == [] and paused["tracked-bytes"] == 0
-            assert paused["driver-ok"] is False
+            if balloon == "vballoon":
+                # QEMU 11.1 stops every ring and sends no SET_STATUS(0): suspended.
+                assert paused["active-queues"] == [] and paused["tracked-bytes"] == 0
+                assert paused["driver-ok"] is False
+            else:
+                # vfio-user-pci tells the device nothing of a pause: it stays as it was.
+                assert paused["driver-ok"] is True and paused["active-queues"]
         vm.qmp.cmd("cont")
         wait_for(lambda: run_state(vm) == "running", 30, "the VM running again")
         assert vm.actual() == target, "resumed: query-balloon lost the balloon"
-        if balloon == "vballoon":
+        if balloon in OURS:
             info = vm.vballoon_info()
             assert info["ballooned-bytes"] == 256 * MiB and info["actual"] == target
             assert info["driver-ok"] is True
@@ -180,7 +188,7 @@ def test_pause_and_resume_keep_the_balloon(env: TestEnv, balloon: str) -> None:
         )
         assert all(smaller <= size < target for size in sizes), sizes
         assert held_sum(vm) == (held, 0), "held data changed across the pause"
-        if balloon == "vballoon":
+        if balloon in OURS:
             assert vm.vballoon_info()["ballooned-bytes"] == 384 * MiB
 
 
@@ -188,7 +196,7 @@ def test_pause_and_resume_keep_the_balloon(env: TestEnv, balloon: str) -> None:
 
 
 def balloon_stats(vm: VM, balloon: str) -> dict[str, object]:
-    if balloon == "vballoon":
+    if balloon in OURS:
         return vm.ctl.cmd_raw("query-balloon-stats")["return"]  # type: ignore[union-attr]
     path = "/machine/peripheral/balloon0"
     return vm.qmp.cmd_raw("qom-get", {"path": path, "property": "guest-stats"})["return"]  # type: ignore[union-attr]
@@ -254,7 +262,7 @@ def test_free_page_reporting_returns_freed_memory(env: TestEnv, balloon: str) ->
 @pytest.mark.parametrize("balloon", BALLOONS)
 def test_without_optional_features(env: TestEnv, balloon: str) -> None:
     opts = options(balloon, mem_mib=512)
-    if balloon == "vballoon":
+    if balloon in OURS:
         opts.vballoon_args = [
             "--no-stats",
             "--no-reporting",
@@ -264,7 +272,7 @@ def test_without_optional_features(env: TestEnv, balloon: str) -> None:
         opts.num_vqs = 2
     with VM(env, opts) as vm:
         feats = guest_features(vm)
-        if balloon == "vballoon":
+        if balloon in OURS:
             assert not feats & ((1 << 1) | (1 << 3) | (1 << 5))
             assert vm.vballoon_info()["queues"] == {"inflate": 0, "deflate": 1}
         make_resident(vm)
@@ -291,7 +299,7 @@ def test_hugetlbfs_inflate(env: TestEnv, hugetlbfs: str, balloon: str) -> None:
         returned = before - vm.host_ram_bytes()
         print(f"{balloon} on 2 MiB hugetlbfs: inflating 640 MiB returned {returned >> 20} MiB")
         assert held_sum(vm) == (checksum, 0)
-        if balloon == "vballoon":
+        if balloon in OURS:
             # Linux sends 1 MiB per buffer; vballoon completes huge pages across buffers.
             not_resident = 1024 * MiB - before
             assert returned >= 0.9 * (640 * MiB - not_resident)
@@ -303,8 +311,9 @@ def test_hugetlbfs_inflate(env: TestEnv, hugetlbfs: str, balloon: str) -> None:
 # -- the backend dies ----------------------------------------------------------------------------
 
 
-def test_vm_survives_a_killed_vballoon(env: TestEnv) -> None:
-    with VM(env, options("vballoon", mem_mib=512)) as vm:
+@pytest.mark.parametrize("balloon", OURS)
+def test_vm_survives_a_killed_vballoon(env: TestEnv, balloon: str) -> None:
+    with VM(env, options(balloon, mem_mib=512)) as vm:
         assert vm.backend is not None
         vm.backend.send_signal(signal.SIGKILL)
         vm.backend.wait(timeout=10)
@@ -346,6 +355,6 @@ def test_hammer_targets_for_a_minute(env: TestEnv, balloon: str) -> None:
         print(f"{balloon}: {changes} target changes, worst stall {worst_stall:.2f} s")
         assert worst_stall <= 1.0, f"{balloon}: the balloon stalled for {worst_stall:.2f} s"
         assert vm.run("echo ok").strip() == "ok"
-        if balloon == "vballoon":
+        if balloon in OURS:
             info = vm.vballoon_info()
             assert info["ballooned-bytes"] == 1024 * MiB - final
