@@ -193,11 +193,21 @@ def format_vm_table(result: dict[str, object]) -> str:
     )
     goals = result["goals"]
     assert isinstance(goals, dict)
+    spread = result.get("spread")
     for key, attr, unit in rows:
         v, q = med["vballoon"][attr], med["qemu"][attr]
-        if unit == "MiB":
-            v, q = v / MiB, q / MiB
-        lines.append(f"{key:28} {v:10.3f} {q:10.3f} {result[key]!s:>7}  {goals[key]} ({unit})")
+        scale = MiB if unit == "MiB" else 1
+        line = (
+            f"{key:28} {v / scale:10.3f} {q / scale:10.3f} {result[key]!s:>7}  "
+            f"{goals[key]} ({unit})"
+        )
+        if isinstance(spread, dict):
+            (v0, v1), (q0, q1) = spread["vballoon"][attr], spread["qemu"][attr]
+            line += (
+                f"  runs: vballoon {v0 / scale:.2f}-{v1 / scale:.2f}, "
+                f"qemu {q0 / scale:.2f}-{q1 / scale:.2f}"
+            )
+        lines.append(line)
     lines.append(
         f"QEMU whole-process CPU during inflate: vballoon run "
         f"{med['vballoon']['qemu_cpu']:.2f} s, QEMU-balloon run {med['qemu']['qemu_cpu']:.2f} s"

@@ -77,6 +77,34 @@ def test_nothing_reserved_when_configured_so(ram: GuestRam) -> None:
     rig.close()
 
 
+@needs_hugepages
+def test_a_region_off_the_huge_page_grid_gives_back_only_the_pages_inside(
+    ram: GuestRam, hugepages: int
+) -> None:
+    """vfio-user maps RAM in pieces (QEMU's PAM windows split it below 1 MiB), so a region
+    may start or end inside a huge page of its file. The pages wholly inside go back; the
+    two it shares with its neighbours are never punched, whatever the guest gives."""
+    huge = GuestRam(8 * MiB, hugetlb=True)  # the file: huge pages at 0, 2, 4, 6 MiB
+    huge.fill_pattern()
+    view = memoryview(huge.mapping)[1 * MiB : 7 * MiB]
+    gpa = 1 << 30
+    rig = Rig(ram, extra=(RegionSpec(gpa, 6 * MiB, view, huge.fd, 1 * MiB),))
+    try:
+        full = huge.allocated()
+        first = gpa // FRAME_SIZE
+        rig.pfns("inflate", list(range(first, first + 6 * MiB // FRAME_SIZE)))
+        assert full - huge.allocated() == 4 * MiB  # the pages at 2 and 4 MiB
+        frames = 1 * MiB // FRAME_SIZE
+        assert all(huge.frame_intact(f) for f in range(frames, 2 * frames)), "edge punched"
+        assert all(huge.frame_intact(f) for f in range(6 * frames, 7 * frames)), "edge punched"
+        assert all(huge.frame_zero(f) for f in range(2 * frames, 6 * frames))
+        assert rig.dev.metrics.discard_errors == 0
+    finally:
+        rig.close()
+        view.release()
+        huge.close()
+
+
 # -- huge pages without MUST_TELL_HOST -----------------------------------------------------------
 
 
