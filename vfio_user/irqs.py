@@ -212,13 +212,23 @@ class IrqTable:
         self, ix: _Index, req: SetIrqs, kind: IrqSetFlag, fds: list[int], picked: list[int]
     ) -> None:
         if kind is IrqSetFlag.DATA_EVENTFD:
-            for i, n in enumerate(range(req.start, req.start + req.count)):
+            vectors = range(req.start, req.start + req.count)
+            if fds:
+                # Watch every new fd before the table takes any: an fd the event loop
+                # cannot poll (a regular file: EPERM) is a refused request with the table
+                # unchanged and the fds still the caller's to close, not an internal error
+                # that drops the connection and then closes those fd numbers a second time.
+                self._watch_all(
+                    [
+                        (fds[i], functools.partial(self._on_unmask_fd, req.index, n))
+                        for i, n in enumerate(vectors)
+                    ]
+                )
+            for i, n in enumerate(vectors):
                 v = ix.vectors[n]
                 self._drop_unmask_fd(v)
                 if fds:
                     v.unmask_fd = fds[i]
-                    if self._watch is not None:
-                        self._watch(fds[i], functools.partial(self._on_unmask_fd, req.index, n))
             return
         for n in picked:
             self.unmask(req.index, n)
@@ -240,6 +250,24 @@ class IrqTable:
         with contextlib.suppress(OSError):
             os.eventfd_read(v.unmask_fd)
         self.unmask(index, vector)
+
+    def _watch_all(self, watches: list[tuple[int, Callable[[], None]]]) -> None:
+        """Watch each fd, or none of them.
+
+        :raise CommandError: if one cannot be watched.
+        """
+        if self._watch is None:
+            return
+        done: list[int] = []
+        try:
+            for fd, callback in watches:
+                self._watch(fd, callback)
+                done.append(fd)
+        except OSError as err:
+            if self._unwatch is not None:
+                for fd in done:
+                    self._unwatch(fd)
+            raise CommandError(f"SET_IRQS: unmask fd cannot be watched: {err}") from None
 
     def _drop_unmask_fd(self, v: Vector) -> None:
         if v.unmask_fd is not None:

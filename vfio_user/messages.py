@@ -113,6 +113,13 @@ class IrqSetFlag(IntFlag):
 IRQ_DATA_TYPES = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD
 IRQ_ACTIONS = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
 
+# Masks of the flag bits each payload may carry, as plain ints: ``~`` of an IntFlag
+# inverts only within the flag's own members (``~DmaFlag(3)`` is 0), so a check
+# ``flags & ~Flag`` would let every unknown bit through.
+_DMA_MAP_FLAGS = int(DmaFlag.READ | DmaFlag.WRITE)
+_DMA_UNMAP_FLAGS = int(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.ALL)
+_SET_IRQS_FLAGS = int(IRQ_DATA_TYPES | IRQ_ACTIONS)
+
 
 class PciRegion(IntEnum):
     """Region indexes of a PCI device (``VFIO_PCI_*_REGION_INDEX``)."""
@@ -231,7 +238,9 @@ class Version:
                 raise CommandError("VERSION: JSON not NUL-terminated")
             try:
                 doc = json.loads(text[:-1].decode()) if len(text) > 1 else {}
-            except (UnicodeDecodeError, ValueError) as err:
+            # RecursionError: a few thousand "[" nest deeper than json's recursion limit;
+            # that is a bad payload (an error reply), not an internal error.
+            except (UnicodeDecodeError, ValueError, RecursionError) as err:
                 raise CommandError(f"VERSION: bad JSON: {err}") from None
             if not isinstance(doc, dict):
                 raise CommandError("VERSION: JSON is not an object")
@@ -266,7 +275,7 @@ class DmaMap:
         _exact("DMA_MAP", body, cls.FMT.size)
         m = cls(*cls.FMT.unpack(body))
         _argsz("DMA_MAP", m.argsz, cls.FMT.size)
-        if m.flags & ~(DmaFlag.READ | DmaFlag.WRITE):
+        if m.flags & ~_DMA_MAP_FLAGS:
             raise CommandError(f"DMA_MAP: unknown flags {m.flags:#x}")
         if not m.size or (m.address | m.size | m.offset) % PAGE_SIZE:
             raise CommandError(
@@ -306,7 +315,7 @@ class DmaUnmap:
         _argsz("DMA_UNMAP", u.argsz, cls.FMT.size)
         if u.flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
             raise CommandError("DMA_UNMAP: dirty page tracking is not offered", errno.ENOTSUP)
-        if u.flags & ~DmaUnmapFlag.ALL:
+        if u.flags & ~_DMA_UNMAP_FLAGS:
             raise CommandError(f"DMA_UNMAP: unknown flags {u.flags:#x}")
         if u.flags & DmaUnmapFlag.ALL and (u.address or u.size):
             raise CommandError("DMA_UNMAP: ALL with an address or size")
@@ -413,7 +422,7 @@ class SetIrqs:
         argsz, flags, index, start, count = cls.FMT.unpack_from(body)
         data = body[cls.FMT.size :]
         _argsz("DEVICE_SET_IRQS", argsz, cls.FMT.size)
-        if flags & ~(IRQ_DATA_TYPES | IRQ_ACTIONS):
+        if flags & ~_SET_IRQS_FLAGS:
             raise CommandError(f"DEVICE_SET_IRQS: unknown flags {flags:#x}")
         kinds = IrqSetFlag(flags & IRQ_DATA_TYPES)
         actions = IrqSetFlag(flags & IRQ_ACTIONS)

@@ -160,6 +160,10 @@ class VirtioPciFunction(Function):
         self._stop_queues()
         self.device.reset()
         self._reset_function()
+        # ISR is 0 again, so the INTx level goes down, as on a status-0 reset; a line left
+        # pending would fire a stale interrupt at the client's next UNMASK.
+        if self.lines is not None:
+            self.lines.lower(PciIrq.INTX, 0)
 
     def dma_changed(self, windows: Sequence[DmaWindow]) -> None:
         specs = [

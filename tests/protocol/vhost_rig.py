@@ -7,17 +7,15 @@ channel, and drives the rings with ``device.testing.DriverRing``.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import struct
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TypeVar
 
 from device import BalloonConfig, BalloonDevice, GuestMemory, Queue, queue_layout
 from device.testing import DriverRing, GuestRam, MiB
+from tests.protocol.loop_thread import LoopThread
 from vballoon.unix_socket import ClaimedSocket
 from vhost_user import VhostUserDaemon
 from vhost_user.frontend import FrontendRegion, VhostUserFrontend
@@ -44,42 +42,17 @@ class BackendThread:
             busy_poll_us=busy_poll_us,
             on_event=self.events.append,
         )
-        self.loop = asyncio.new_event_loop()
-        started: Future[None] = Future()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            try:
-                self.daemon.start(self.loop)
-            except BaseException as err:
-                started.set_exception(err)
-                return
-            started.set_result(None)
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        started.result(timeout=5)
+        self.runner = LoopThread(self.daemon.start, "vhost-user-backend")
+        self.loop = self.runner.loop
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the backend's loop and return its result (safe inspection)."""
-        fut: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as err:
-                fut.set_exception(err)
-
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(timeout=10)
+        return self.runner.call(fn)
 
     def stop(self) -> None:
         self.call(self.daemon.close)
         self.socket.release()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
+        self.runner.stop()
 
 
 class Guest:
