@@ -99,6 +99,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.client and args.vfio_user:
         print("vballoon serve: --client is for --socket (vhost-user) only", file=sys.stderr)
         return 2
+    if args.qemu_qmp and not args.vfio_user:
+        # QEMU itself refuses to migrate with vhost-user-test-device (unmigratable).
+        print("vballoon serve: --qemu-qmp is for --vfio-user only", file=sys.stderr)
+        return 2
     opts = ServeOptions(
         socket=args.vfio_user or args.socket,
         control=args.control,
@@ -263,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--qemu-qmp",
         metavar="PATH",
-        help="a QMP socket of QEMU's for vballoon alone (-qmp unix:PATH,server=on,wait=off): "
-        "vballoon refuses every live migration there, with a log line saying why (QEMU 11.1 "
-        "migrates a vfio-user device without its state). Use it with --vfio-user",
+        help="with --vfio-user: a QMP socket of QEMU's for vballoon alone (-qmp "
+        "unix:PATH,server=on,wait=off). While QEMU's device is attached vballoon refuses "
+        "every live migration there, with a log line saying why (QEMU 11.1 migrates a "
+        "vfio-user device without its state); after device_del it lets them run",
     )
     serve.add_argument(
         "--client",

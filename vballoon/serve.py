@@ -55,11 +55,15 @@ async def serve(opts: ServeOptions) -> int:
     device = BalloonDevice(opts.config)
     listener: ClaimedSocket | None = None
 
+    guard: MigrationGuard | None = None
+
     def connection_event(event: str) -> None:
         # A connection leaves cycles behind (asyncio transports, the adapter's state):
         # collect them when it ends, so a process that serves many VMs in turn stays flat.
         if event == "disconnected":
             gc.collect(1)
+        if guard is not None:
+            guard.device_changed()  # QEMU's device came or went (device_add / device_del)
 
     daemon: VhostUserDaemon | VfioUserServer
     if opts.client:
@@ -93,7 +97,12 @@ async def serve(opts: ServeOptions) -> int:
         if listener is not None:
             listener.release()
         raise StartupError(str(err)) from err
-    guard = MigrationGuard(opts.qemu_qmp) if opts.qemu_qmp else None
+    if opts.qemu_qmp:
+        server = daemon
+        guard = MigrationGuard(
+            opts.qemu_qmp,
+            attached=lambda: isinstance(server, VfioUserServer) and server.conn is not None,
+        )
     if guard is not None:
         guard.start()
     elif opts.transport == "vfio-user":

@@ -52,6 +52,9 @@ MAX_MSG_FDS = 16
 MAX_DATA_XFER = 1 << 20
 #: Most DMA windows at once (QEMU maps about 20 for a PC; each costs an fd and a mapping).
 MAX_DMA_MAPS = 256
+#: Most bytes of DMA windows at once: 1 TiB of guest memory, mapped once, with room for
+#: QEMU's PAM aliases (a device keeps a bit per 4 KiB page of its windows: 32 MiB here).
+MAX_DMA_BYTES = 1 << 40
 #: Largest message accepted: a REGION_WRITE of MAX_DATA_XFER bytes.
 MAX_MESSAGE = HEADER_SIZE + RegionAccess.FMT.size + MAX_DATA_XFER
 #: What the client assumes when VERSION's reply omits a capability.
@@ -90,7 +93,7 @@ class Session:
     def __init__(self, function: Function, irqs: IrqTable) -> None:
         self.function = function
         self.irqs = irqs
-        self.dma = DmaSpace(MAX_DMA_MAPS)
+        self.dma = DmaSpace(MAX_DMA_MAPS, MAX_DMA_BYTES)
         self.versioned = False
         #: the client's own limit on data we send it (REGION_READ replies)
         self.client_xfer = CLIENT_DEFAULT_XFER

@@ -131,10 +131,13 @@ class DmaSpace:
     """The windows of one client, sorted and never overlapping.
 
     :param max_maps: most windows at once (the ``max_dma_maps`` capability)
+    :param max_bytes: most bytes mapped at once (what a function keeps per page of the
+        windows grows with it: a client must not make it grow without bound)
     """
 
-    def __init__(self, max_maps: int) -> None:
+    def __init__(self, max_maps: int, max_bytes: int | None = None) -> None:
         self.max_maps = max_maps
+        self.max_bytes = max_bytes
         self._windows: list[DmaWindow] = []
 
     @property
@@ -144,7 +147,8 @@ class DmaSpace:
     def add(self, req: DmaMap, fd: int | None) -> DmaWindow:
         """Map a window (owning ``fd`` on success).
 
-        :raise CommandError: EEXIST over another window, ENOSPC past ``max_maps``, or
+        :raise CommandError: EEXIST over another window, ENOSPC past ``max_maps`` or
+            ``max_bytes``, or
             what :func:`map_window` refuses.
         """
         starts = [w.address for w in self._windows]
@@ -160,6 +164,14 @@ class DmaSpace:
             )
         if len(self._windows) >= self.max_maps:
             raise CommandError(f"DMA_MAP: more than {self.max_maps} windows", errno.ENOSPC)
+        if self.max_bytes is not None:
+            mapped = sum(w.size for w in self._windows)
+            if mapped + req.size > self.max_bytes:
+                raise CommandError(
+                    f"DMA_MAP of {req.size:#x} bytes: more than {self.max_bytes:#x} bytes "
+                    f"mapped ({mapped:#x} already)",
+                    errno.ENOSPC,
+                )
         win = map_window(req, fd)
         self._windows.insert(i, win)
         return win

@@ -176,6 +176,10 @@ class IrqTable:
         if kind is IrqSetFlag.DATA_EVENTFD and action is IrqSetFlag.ACTION_MASK:
             raise CommandError("SET_IRQS: mask eventfds are not supported")
         for fd in fds:
+            # Only eventfds: a pipe whose writer is gone is readable for ever, and an
+            # unmask watch on it would spin the loop (and re-fire INTx) without end.
+            if not _is_eventfd(fd):
+                raise CommandError(f"SET_IRQS: fd {fd} is not an eventfd")
             try:
                 os.set_blocking(fd, False)
             except OSError as err:
@@ -247,8 +251,15 @@ class IrqTable:
         v = self._vector(index, vector)
         if v is None or v.unmask_fd is None:
             return
-        with contextlib.suppress(OSError):
+        try:
             os.eventfd_read(v.unmask_fd)
+        except BlockingIOError:
+            return  # a spurious wake-up: nothing was signalled
+        except OSError as err:
+            # Not readable as an eventfd any more: stop watching rather than spin on it.
+            log.warning("vfio-user: unmask fd of irq %d.%d dropped: %s", index, vector, err)
+            self._drop_unmask_fd(v)
+            return
         self.unmask(index, vector)
 
     def _watch_all(self, watches: list[tuple[int, Callable[[], None]]]) -> None:
@@ -288,3 +299,11 @@ class IrqTable:
         """Close every eventfd (the client went away)."""
         for ix in self._indexes.values():
             self._disable(ix)
+
+
+def _is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (the only kind of fd SET_IRQS takes)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False

@@ -128,3 +128,6 @@ def test_serve_transport_options_are_checked(tmp_path) -> None:
     proc = _serve("--control", ctl)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 2 and "--socket" in err and "--vfio-user" in err
+    proc = _serve("--socket", sock, "--qemu-qmp", str(tmp_path / "q.sock"), "--control", ctl)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 2 and "--qemu-qmp is for --vfio-user only" in err

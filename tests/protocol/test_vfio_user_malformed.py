@@ -222,6 +222,20 @@ ERROR_CASES: dict[str, tuple[Send, int]] = {
         ),
         errno.EINVAL,
     ),
+    # A pipe whose writer is gone is readable for ever: watched, it would spin the loop.
+    "dead pipe as the INTx unmask fd": (
+        lambda c: _send(
+            c,
+            C.DEVICE_SET_IRQS,
+            _irqs(IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_UNMASK, PciIrq.INTX, 0, 1),
+            _pipe_end(),
+        ),
+        errno.EINVAL,
+    ),
+    "pipe as an MSI-X trigger fd": (
+        lambda c: _send(c, C.DEVICE_SET_IRQS, _irqs(_EV, PciIrq.MSIX, 0, 1), _pipe_end()),
+        errno.EINVAL,
+    ),
     "write-only map with an fd": (
         lambda c: _send(c, C.DMA_MAP, _map(2, 0, 0, 4 * MiB), [_memfd()]),
         errno.EINVAL,

@@ -29,12 +29,14 @@ from tests.protocol.vfio_rig import (
 )
 from vfio_user.client import QEMU_CAPABILITIES, VfioUserClient
 from vfio_user.dispatcher import MAX_DATA_XFER, MAX_DMA_MAPS, MAX_MSG_FDS
+from vfio_user.dma import DmaSpace
 from vfio_user.errors import CommandError
 from vfio_user.messages import (
     HEADER_SIZE,
     Command,
     DeviceFlag,
     DmaFlag,
+    DmaMap,
     DmaUnmapFlag,
     Header,
     IrqInfoFlag,
@@ -624,3 +626,22 @@ def test_limits_match_what_the_server_announces(vfio_client: VfioUserClient) -> 
     assert caps["max_msg_fds"] == MAX_MSG_FDS
     assert caps["max_data_xfer_size"] == MAX_DATA_XFER
     assert caps["max_dma_maps"] == MAX_DMA_MAPS
+
+
+def test_dma_space_refuses_maps_past_its_byte_budget() -> None:
+    """What a device keeps per mapped page grows with the windows: their total is capped."""
+    space = DmaSpace(max_maps=8, max_bytes=8 * MiB)
+    fd = os.memfd_create("budget")
+    os.ftruncate(fd, 8 * MiB)
+    extra = os.dup(fd)
+    try:
+        for gpa in (0, 4 * MiB):
+            space.add(DmaMap(32, 3, gpa, gpa, 4 * MiB), os.dup(fd))
+        with pytest.raises(CommandError) as err:
+            space.add(DmaMap(32, 3, 0, 8 * MiB, 4096), extra)
+        assert err.value.errno == errno.ENOSPC and len(space.windows) == 2
+    finally:
+        for w in space.clear():
+            w.close()
+        os.close(extra)
+        os.close(fd)

@@ -79,3 +79,16 @@ def test_a_migration_is_refused_and_the_vm_keeps_its_balloon(env: TestEnv, tmp_p
         )
         wait_for(lambda: qmp(vm, "query-migrate").get("status") == "cancelled", 60, "cancelled")
         assert vm.run("echo alive").strip() == "alive"
+
+
+def test_device_del_is_refused_on_the_root_bus(env: TestEnv) -> None:
+    """QEMU 11.1.3 aborts when it unplugs a vfio-user-pci device (an assertion in
+    memory_region_del_subregion, measured behind a pcie-root-port), so the argument set
+    puts the device on pcie.0, where an unplug is refused cleanly."""
+    with VM(env, VMOptions(balloon="vfio-user", mem_mib=512)) as vm:
+        assert vm.qmp is not None
+        reply = vm.qmp.cmd_raw("device_del", {"id": "vballoon0"})
+        assert "does not support hotplugging" in reply["error"]["desc"], reply
+        assert vm.run("echo alive").strip() == "alive"
+        vm.balloon(384 * MiB)
+        vm.wait_actual(384 * MiB, timeout=120)
