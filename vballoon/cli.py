@@ -7,6 +7,7 @@ Subcommands:
   bench vhost-user, bench vfio-user
                   inflate through serve's socket against the same work in process
   bench vm        the same guest with vballoon and with QEMU's own balloon
+  migrate         live-migrate a VM with its vhost-user balloon (unplug, migrate, plug)
   demo            an in-process guest balloons and reports memory; shows it coming back
 """
 
@@ -201,6 +202,33 @@ def _cmd_bench_vm(args: argparse.Namespace) -> int:
         print(f"vballoon bench vm: {err}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else format_vm_table(result))
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vballoon.migrate import MigrateError, MigrateOptions, migrate
+
+    opts = MigrateOptions(
+        source_qmp=args.source_qmp,
+        dest_qmp=args.dest_qmp,
+        source_control=args.source_control,
+        dest_control=args.dest_control,
+        dest_socket=args.dest_socket,
+        uri=args.uri,
+        device_id=args.device_id,
+        unplug_timeout=args.timeout,
+        migrate_timeout=args.migrate_timeout,
+        replug_timeout=args.timeout,
+    )
+    try:
+        result = asyncio.run(migrate(opts))
+    except MigrateError as err:
+        print(f"vballoon migrate: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -434,6 +462,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="inflate target guest size (default 512M)",
     )
     vmb.set_defaults(func=_cmd_bench_vm)
+
+    mig = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="live-migrate a VM whose balloon is vballoon over vhost-user (unplug, migrate, "
+        "plug again)",
+        description="QEMU 11.1 will not migrate with vhost-user-test-device attached, so: "
+        "remember the balloon's target, device_del it on the source (the guest takes its "
+        "balloon back), migrate to a destination QEMU started with -incoming defer and the "
+        "balloon's root port but no balloon, then chardev-add/device_add the balloon there "
+        "to the vballoon serving on --dest-socket and set the target again. On a failure "
+        "before the switchover the balloon goes back into the source. Progress on stderr.",
+    )
+    mig.add_argument(
+        "--source-qmp", required=True, metavar="PATH", help="a QMP socket of the source QEMU"
+    )
+    mig.add_argument(
+        "--dest-qmp", required=True, metavar="PATH", help="a QMP socket of the destination QEMU"
+    )
+    mig.add_argument(
+        "--source-control",
+        required=True,
+        metavar="PATH",
+        help="the source vballoon's control socket",
+    )
+    mig.add_argument(
+        "--dest-control",
+        required=True,
+        metavar="PATH",
+        help="the destination vballoon's control socket",
+    )
+    mig.add_argument(
+        "--dest-socket",
+        required=True,
+        metavar="PATH",
+        help="the vhost-user socket the destination vballoon serves",
+    )
+    mig.add_argument(
+        "--uri", required=True, help="where the destination listens, e.g. unix:/run/mig.sock"
+    )
+    mig.add_argument(
+        "--device-id", default="vballoon0", help="the balloon's -device id (default vballoon0)"
+    )
+    mig.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds for the unplug and for the plug (default 120)",
+    )
+    mig.add_argument(
+        "--migrate-timeout",
+        type=float,
+        default=600.0,
+        help="seconds for the migration itself (default 600)",
+    )
+    mig.add_argument(
+        "--json", action="store_true", help="print the final query-migrate and the balloon as JSON"
+    )
+    mig.set_defaults(func=_cmd_migrate)
 
     demo = sub.add_parser(
         "demo",

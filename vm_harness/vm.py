@@ -109,6 +109,10 @@ class VMOptions:
     #: let a reset (QMP ``system_reset``, a guest reboot) restart the guest instead of
     #: ending QEMU (``-no-reboot`` otherwise)
     reboot: bool = False
+    #: a migration destination: ``-incoming defer``, the balloon's root port but not the
+    #: balloon (vballoon, if used, is started and waits for ``vballoon migrate`` to plug
+    #: the device); :meth:`VM.start` does not wait for a guest
+    incoming: bool = False
 
 
 class VM:
@@ -127,6 +131,8 @@ class VM:
         #: the QMP monitor vballoon's migration guard uses (vfio-user)
         self.guard_qmp_sock = str(self.workdir / "qmp-vballoon.sock")
         self.control_sock = str(self.workdir / "control.sock")
+        #: QEMU's second monitor, for tools (``vballoon migrate``)
+        self.tools_qmp_sock = str(self.workdir / "qmp-tools.sock")
         self.qemu: subprocess.Popen[bytes] | None = None
         self.backend: subprocess.Popen[bytes] | None = None
         self.qmp: QEMUMonitorProtocol | None = None
@@ -167,6 +173,7 @@ class VM:
             "CONSOLE_LOG": str(self.console_log),
             "AGENT_SOCK": self.agent_sock,
             "QMP_SOCK": self.qmp_sock,
+            "TOOLS_QMP_SOCK": self.tools_qmp_sock,
             "HUGETLBFS": o.hugetlbfs or "",
             "VHOST_SOCK": self.vhost_sock,
             "VFIO_SOCK": self.vfio_sock,
@@ -177,8 +184,12 @@ class VM:
         args = config_args("base", values) + config_args(f"memory-{o.memory}", values)
         if o.reboot:
             args = [a for a in args if a != "-no-reboot"]
+        if o.incoming:
+            args += ["-incoming", "defer"]
         if o.balloon == "vballoon":
-            args += config_args("balloon-vhost-user", values)
+            args += config_args("balloon-port", values)
+            if not o.incoming:
+                args += config_args("balloon-vhost-user", values)
         elif o.balloon == "vfio-user":
             args += config_args("balloon-vfio-user", values)
         elif o.balloon == "qemu":
@@ -210,9 +221,15 @@ class VM:
             self.ctl.connect(negotiate=True)
         else:
             self.ctl = self.qmp
+        if not self.opts.incoming:
+            self.attach_agent(self.opts.boot_timeout)
+
+    def attach_agent(self, timeout: float) -> None:
+        """Connect to the guest's agent and wait until it answers (after boot, or after
+        an incoming migration)."""
         self.agent = GuestAgent(self.agent_sock, console_log=str(self.console_log))
         try:
-            self.agent.wait_ready(self.opts.boot_timeout)
+            self.agent.wait_ready(timeout)
         except Exception as err:
             raise VMError(f"guest did not come up: {err}\n{self.diagnostics()}") from err
 
