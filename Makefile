@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py MANIFEST.in device/_accel_build.py device/_acc
           device/_accel/balloon_accel.h guest_driver_c/vballoon_report_abi.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
-	$(PY) -m pip install -qq -e '.[test]'
+	$(PY) -m pip install -qq -e '.[test,plot]'
 	touch $@
 
 dev: $(STAMP)

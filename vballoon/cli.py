@@ -8,6 +8,7 @@ Subcommands:
                   inflate through serve's socket against the same work in process
   bench vm        the same guest with vballoon and with QEMU's own balloon
   migrate         live-migrate a VM with its vhost-user balloon (unplug, migrate, plug)
+  trial migrate   what a balloon buys a live migration, variant by variant
   demo            an in-process guest balloons and reports memory; shows it coming back
 """
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from device.errors import BalloonError
 from device.runner import DEFAULT_POLL_LIMIT_US
@@ -229,6 +231,35 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_trial_migrate(args: argparse.Namespace) -> int:
+    from vm_harness.testenv import ProvisionError, ensure_testenv
+    from vm_harness.trial_migrate import VARIANTS, TrialError, format_trial, run_trial, write_plot
+    from vm_harness.vm import VMError
+
+    chosen = set(args.variant or ())
+    unknown = chosen - {v.name for v in VARIANTS}
+    if unknown:
+        names = ", ".join(v.name for v in VARIANTS)
+        print(
+            f"vballoon trial migrate: no variant {sorted(unknown)[0]!r} ({names})", file=sys.stderr
+        )
+        return 2
+    try:
+        env = ensure_testenv()
+        result = run_trial(env, lambda name: not chosen or name in chosen)
+    except (ProvisionError, VMError, TrialError) as err:
+        print(f"vballoon trial migrate: {err}", file=sys.stderr)
+        return 1
+    plot_line = write_plot(result, Path(args.plot))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        print(plot_line, file=sys.stderr)
+    else:
+        print(format_trial(result))
+        print(plot_line)
     return 0
 
 
@@ -521,6 +552,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the final query-migrate and the balloon as JSON"
     )
     mig.set_defaults(func=_cmd_migrate)
+
+    trial = sub.add_parser(
+        "trial",
+        parents=[common],
+        help="trials on real VMs (migrate: what a balloon buys a live migration)",
+    )
+    trial_sub = trial.add_subparsers(dest="trial", required=True, metavar="TRIAL")
+    tm = trial_sub.add_parser(
+        "migrate",
+        help="migrate the same guest with no balloon, QEMU's, and vballoon's; compare",
+        description="Boot the same 1 GiB guest per variant, hold 128 MiB checksummed, write "
+        "and free the rest, let the balloon work, migrate it over a Unix socket to a second "
+        "QEMU on this host (vballoon variants with vballoon migrate) and measure bytes sent, "
+        "time, downtime, source and destination RAM, the checksum and the balloon after. "
+        "Variants: none, qemu-reporting, qemu-hint, vballoon-reporting, "
+        "vballoon-range-reports, vballoon-half. Needs the VM test environment (provisioned "
+        "if missing).",
+    )
+    tm.add_argument("--json", action="store_true", help="print one JSON object")
+    tm.add_argument(
+        "--plot",
+        default="trial-migrate.png",
+        metavar="PNG",
+        help="where to write the PNG of bytes sent over time (default trial-migrate.png)",
+    )
+    tm.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME",
+        help="run only this variant (repeatable; default all)",
+    )
+    tm.set_defaults(func=_cmd_trial_migrate)
 
     demo = sub.add_parser(
         "demo",

@@ -113,6 +113,8 @@ class VMOptions:
     #: balloon (vballoon, if used, is started and waits for ``vballoon migrate`` to plug
     #: the device); :meth:`VM.start` does not wait for a guest
     incoming: bool = False
+    #: more QEMU arguments, appended as given (e.g. an ``-object iothread``)
+    extra_args: Sequence[str] = ()
 
 
 class VM:
@@ -184,6 +186,7 @@ class VM:
         args = config_args("base", values) + config_args(f"memory-{o.memory}", values)
         if o.reboot:
             args = [a for a in args if a != "-no-reboot"]
+        args += list(o.extra_args)
         if o.incoming:
             args += ["-incoming", "defer"]
         if o.balloon == "vballoon":
