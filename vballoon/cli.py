@@ -220,6 +220,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         dest_socket=args.dest_socket,
         uri=args.uri,
         device_id=args.device_id,
+        trim=args.trim,
         unplug_timeout=args.timeout,
         migrate_timeout=args.migrate_timeout,
         replug_timeout=args.timeout,
@@ -549,6 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds for the migration itself (default 600)",
     )
     mig.add_argument(
+        "--trim",
+        action="store_true",
+        help="on the destination, once the balloon is back: pause the VM, give back every "
+        "all-zero page of guest RAM (the destination wrote every page it received, zeros "
+        "too), resume; adds that pause to the downtime",
+    )
+    mig.add_argument(
         "--json", action="store_true", help="print the final query-migrate and the balloon as JSON"
     )
     mig.set_defaults(func=_cmd_migrate)
@@ -567,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
         "QEMU on this host (vballoon variants with vballoon migrate) and measure bytes sent, "
         "time, downtime, source and destination RAM, the checksum and the balloon after. "
         "Variants: none, qemu-reporting, qemu-hint, vballoon-reporting, "
-        "vballoon-range-reports, vballoon-half. Needs the VM test environment (provisioned "
-        "if missing).",
+        "vballoon-reporting-trim, vballoon-range-reports, vballoon-half. Needs the VM test "
+        "environment (provisioned if missing).",
     )
     tm.add_argument("--json", action="store_true", help="print one JSON object")
     tm.add_argument(

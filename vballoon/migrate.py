@@ -9,7 +9,8 @@ unmigratable), so the balloon leaves before the migration and comes back after i
 3. ``migrate-incoming`` on the destination, ``migrate`` on the source, progress lines
    until it completes;
 4. on the destination, ``chardev-add`` a socket to the vballoon serving there and
-   ``device_add`` the balloon with the source's properties;
+   ``device_add`` the balloon with the source's properties; with ``trim``, once the
+   driver is bound: pause, punch every all-zero page of guest RAM, resume;
 5. wait until the guest's driver is bound (DRIVER_OK) and set the target again; wait
    until the guest reached it.
 
@@ -61,6 +62,9 @@ class MigrateOptions:
     uri: str
     #: the balloon's ``id`` on the source (QEMU's ``-device ...,id=``)
     device_id: str = "vballoon0"
+    #: on the destination, once the balloon is back: pause, punch every all-zero page of
+    #: guest RAM, resume (the destination wrote every page it received, zeros too)
+    trim: bool = False
     unplug_timeout: float = 60.0
     migrate_timeout: float = 600.0
     replug_timeout: float = 120.0
@@ -156,6 +160,7 @@ async def _plug(
     device_id: str,
     timeout: float,
     target: int | None,
+    trim: dict[str, Any] | None = None,
 ) -> None:
     """chardev-add + device_add, then DRIVER_OK and the target reached."""
     await _run(
@@ -182,6 +187,8 @@ async def _plug(
         return bool(info.get("driver-ok"))
 
     await _wait("the guest's balloon driver to bind (DRIVER_OK)", timeout, bound)
+    if trim is not None:
+        trim.update(await _trim(qmp, ctl))
     if target is None:
         return
     await _run(ctl, "balloon", value=target)
@@ -190,6 +197,23 @@ async def _plug(
         return int((await _run(ctl, "query-balloon"))["actual"]) == target
 
     await _wait(f"the guest to reach its target {target >> 20} MiB", timeout, reached, 0.5)
+
+
+async def _trim(qmp: QMPClient, ctl: QMPClient) -> dict[str, Any]:
+    """Pause the destination, punch its all-zero pages (it wrote every page it received,
+    zeros too), resume it: the pause is downtime the trim adds."""
+    t0 = time.monotonic()
+    await _run(qmp, "stop")
+    try:
+        done: dict[str, Any] = await _run(ctl, "x-vballoon-trim-zero")
+    finally:
+        await _run(qmp, "cont")
+    done["paused-ms"] = round((time.monotonic() - t0) * 1000, 1)
+    progress(
+        f"trimmed {done['bytes'] >> 20} MiB of zero pages on the destination "
+        f"(paused {done['paused-ms']:.0f} ms)"
+    )
+    return done
 
 
 async def _migrate(src: QMPClient, dst: QMPClient, uri: str, timeout: float) -> dict[str, Any]:
@@ -263,6 +287,7 @@ async def migrate(opts: MigrateOptions) -> dict[str, Any]:
         progress(
             f"migrated in {time.monotonic() - t0:.1f} s, downtime {info.get('downtime', '?')} ms"
         )
+        trim: dict[str, Any] | None = {} if opts.trim else None
         await _plug(
             dst,
             dst_ctl,
@@ -271,12 +296,13 @@ async def migrate(opts: MigrateOptions) -> dict[str, Any]:
             opts.device_id,
             opts.replug_timeout,
             balloon.target,
+            trim,
         )
         progress(
             "balloon plugged into the destination"
             + (f", guest at {shown}" if balloon.target else "")
         )
-        return {"migration": info, "target": balloon.target, "bus": balloon.bus}
+        return {"migration": info, "target": balloon.target, "bus": balloon.bus, "trim": trim}
     finally:
         for c in clients:
             with contextlib.suppress(Exception):  # closing is best effort

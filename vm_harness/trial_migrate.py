@@ -47,6 +47,8 @@ class Variant:
     range_reports: bool = False
     #: inflate the balloon to this guest size before migrating
     target_mib: int | None = None
+    #: ``vballoon migrate --trim``: the destination's zero pages punched, VM paused
+    trim: bool = False
 
 
 VARIANTS = (
@@ -65,6 +67,12 @@ VARIANTS = (
         ("-object", "iothread,id=vb-iothread"),
     ),
     Variant("vballoon-reporting", "vballoon (vhost-user), free page reporting", "vballoon"),
+    Variant(
+        "vballoon-reporting-trim",
+        "vballoon (vhost-user), free page reporting, destination trimmed (migrate --trim)",
+        "vballoon",
+        trim=True,
+    ),
     Variant(
         "vballoon-range-reports",
         "vballoon (vhost-user), one pass of the guest module's range reports",
@@ -133,12 +141,13 @@ def _options(v: Variant, image: str | None, incoming: bool) -> VMOptions:
     )
 
 
-def _migrate_cmd(src: VM, dst: VM, uri: str) -> list[str]:
+def _migrate_cmd(src: VM, dst: VM, uri: str, trim: bool) -> list[str]:
     return [
         sys.executable, "-m", "vballoon.cli", "migrate",
         "--source-qmp", src.tools_qmp_sock, "--dest-qmp", dst.tools_qmp_sock,
         "--source-control", src.control_sock, "--dest-control", dst.control_sock,
         "--dest-socket", dst.vhost_sock, "--uri", uri, "--json",
+        *(["--trim"] if trim else []),
     ]  # fmt: skip
 
 
@@ -150,7 +159,7 @@ def run_variant(env: TestEnv, v: Variant, image: str | None) -> dict[str, Any]:
         if v.range_reports:
             mod = ReportModule(src)
             mod.load()
-            mod.set(min_order=0, budget_pct=95, encoding="pfn_order")
+            mod.set(min_order=0, budget_pct=90, encoding="pfn_order")
             rc, out = mod.trigger()
             if rc:
                 raise TrialError(f"range-report pass failed: {out}")
@@ -164,7 +173,7 @@ def run_variant(env: TestEnv, v: Variant, image: str | None) -> dict[str, Any]:
         proc: subprocess.Popen[str] | None = None
         if v.balloon == "vballoon":
             proc = subprocess.Popen(
-                _migrate_cmd(src, dst, uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                _migrate_cmd(src, dst, uri, v.trim), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True,
             )  # fmt: skip
         else:
@@ -186,10 +195,12 @@ def run_variant(env: TestEnv, v: Variant, image: str | None) -> dict[str, Any]:
                 info = got
                 break
             time.sleep(0.1)
+        trim: dict[str, Any] | None = None
         if proc is not None:
             out, err = proc.communicate(timeout=300)
             if proc.returncode:
                 raise TrialError(f"{v.name}: vballoon migrate failed: {err.strip()}")
+            trim = json.loads(out).get("trim")
         if info.get("status") != "completed":
             raise TrialError(f"{v.name}: the migration ended {info.get('status')!r}: {info}")
         dest_after = dst.host_ram_bytes()
@@ -212,6 +223,9 @@ def run_variant(env: TestEnv, v: Variant, image: str | None) -> dict[str, Any]:
             "dest_30s_mib": dest_later >> 20,
             "checksum_ok": got_sum == checksum,
             "balloon_after": _balloon_state(dst, v),
+            # the pause the trim added, and what it gave back
+            "trim_paused_ms": trim["paused-ms"] if trim else None,
+            "trim_mib": trim["bytes"] >> 20 if trim else None,
             "sent_over_time": sent_over_time,
         }
         _progress(
@@ -252,15 +266,23 @@ def run_trial(env: TestEnv, only: Callable[[str], bool] = lambda _: True) -> dic
     out["reporting_bytes_vs_none"] = ratio("vballoon-reporting", "none")
     out["vballoon_vs_qemu_reporting_bytes"] = ratio("vballoon-reporting", "qemu-reporting")
     out["checksums_ok"] = int(all(r["checksum_ok"] for r in rows))
-    vr = by.get("vballoon-reporting")
-    out["dest_resident_vs_source"] = (
-        round(vr["dest_30s_mib"] / vr["source_before_mib"], 3) if vr else None
+
+    def resident(name: str) -> float | None:
+        r = by.get(name)
+        return round(r["dest_30s_mib"] / r["source_before_mib"], 3) if r else None
+
+    # With the trim where it ran (the aim); the untrimmed figure beside it.
+    out["dest_resident_vs_source"] = resident("vballoon-reporting-trim") or resident(
+        "vballoon-reporting"
     )
+    out["dest_resident_vs_source_untrimmed"] = resident("vballoon-reporting")
+    t = by.get("vballoon-reporting-trim")
+    out["trim_paused_ms"] = t["trim_paused_ms"] if t else None
     out["goals"] = {
         "reporting_bytes_vs_none": "<= 0.3",
         "vballoon_vs_qemu_reporting_bytes": "<= 1.05",
         "checksums_ok": "= 1",
-        "dest_resident_vs_source": "reported (aim <= 1.1 with a destination trim)",
+        "dest_resident_vs_source": "reported (aim <= 1.1 with the destination trim)",
     }
     out["guest"] = {
         "mem_mib": GUEST_MIB,
@@ -294,6 +316,11 @@ def format_trial(result: dict[str, Any]) -> str:
         lines.append(f"{name:24} not measured: {why}")
     for key, goal in result["goals"].items():
         lines.append(f"{key} = {result[key]} (goal {goal})")
+    if result.get("trim_paused_ms") is not None:
+        lines.append(
+            f"destination trim: paused {result['trim_paused_ms']} ms (downtime it adds); "
+            f"without it dest_resident_vs_source = {result['dest_resident_vs_source_untrimmed']}"
+        )
     return "\n".join(lines)
 
 

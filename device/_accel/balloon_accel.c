@@ -18,6 +18,7 @@
 #include <sys/mman.h>
 #include <sys/vfs.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "balloon_accel.h"
 #include "vballoon_report_abi.h"
@@ -861,6 +862,87 @@ out:
 }
 
 /* ---- misc ---- */
+
+/* Whether the @len bytes at @p (a multiple of 64, 8-byte aligned) are all zero. */
+static int all_zero(const uint8_t *p, uint64_t len)
+{
+	const uint64_t *w = (const uint64_t *)(const void *)p;
+	uint64_t i, n = len / 8;
+
+	for (i = 0; i < n; i += 8) {
+		if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] |
+		    w[i + 6] | w[i + 7])
+			return 0;
+	}
+	return 1;
+}
+
+/* Punch the all-zero whole backing pages among region frames [f, e). */
+static void trim_extent(const struct balloon_accel_region *r, uint64_t f,
+			uint64_t e, struct balloon_accel_counters *c)
+{
+	uint64_t pf = page_frames(r), ph = page_phase(r);
+	uint64_t x = (f + ph + pf - 1) / pf * pf - ph, run = 0, run_start = 0;
+	const uint8_t *base = (const uint8_t *)(uintptr_t)r->hva;
+
+	for (; x + pf <= e; x += pf) {
+		c->frames += pf;
+		if (all_zero(base + (x << BALLOON_ACCEL_FRAME_SHIFT),
+			     pf << BALLOON_ACCEL_FRAME_SHIFT)) {
+			if (!run)
+				run_start = x;
+			run += pf;
+			continue;
+		}
+		if (run)
+			discard(r, run_start, run, c);
+		run = 0;
+	}
+	if (run)
+		discard(r, run_start, run, c);
+}
+
+/**
+ * balloon_accel_trim_zero() - give back every all-zero page of guest RAM
+ * @map: guest RAM
+ * @c: counters to add to (frames: frames looked at)
+ *
+ * For a migration destination, which writes every page it receives, zero
+ * pages included. A punched page reads back as zeros, so the guest sees no
+ * change, but only while nothing writes guest RAM: call it with the VM
+ * paused (a page found zero and written before its punch would lose the
+ * write). Only file-backed regions (PUNCH_HOLE) are trimmed, and only their
+ * allocated extents are read (SEEK_DATA/SEEK_HOLE: reading a hole of a shared
+ * mapping would allocate it). Reserved frames need no care: a zero page
+ * stays a zero page.
+ */
+void balloon_accel_trim_zero(const struct balloon_accel_map *map,
+			     struct balloon_accel_counters *c)
+{
+	uint64_t t0 = now_ns();
+	uint32_t i;
+
+	for (i = 0; i < map->nregions; i++) {
+		const struct balloon_accel_region *r = &map->regions[i];
+		off_t start = (off_t)r->fd_offset, end = start + (off_t)r->size;
+		off_t pos = start, data, hole;
+
+		if (r->mode != BALLOON_ACCEL_MODE_PUNCH_HOLE)
+			continue;
+		while (pos < end) {
+			data = lseek(r->fd, pos, SEEK_DATA);
+			if (data < 0 || data >= end)
+				break;	/* ENXIO: no data after pos */
+			hole = lseek(r->fd, data, SEEK_HOLE);
+			if (hole < 0 || hole > end)
+				hole = end;
+			trim_extent(r, (uint64_t)(data - start) >> BALLOON_ACCEL_FRAME_SHIFT,
+				    (uint64_t)(hole - start) >> BALLOON_ACCEL_FRAME_SHIFT, c);
+			pos = hole;
+		}
+	}
+	c->ns += now_ns() - t0;
+}
 
 /**
  * balloon_accel_fs_info() - what kind of file backs @fd

@@ -127,6 +127,8 @@ int balloon_accel_range_report(const struct balloon_accel_map *map,
 			       uint64_t *frames_discarded,
 			       uint32_t *bad_record, uint32_t flags);
 size_t balloon_accel_report_scratch_extents(size_t len);
+void balloon_accel_trim_zero(const struct balloon_accel_map *map,
+			     struct balloon_accel_counters *c);
 int balloon_accel_fs_info(int fd, uint64_t *fs_magic, uint64_t *block_size);
 void balloon_accel_mb(void);
 void balloon_accel_rmb(void);

@@ -47,6 +47,7 @@ COMMANDS = {
     "query-balloon-stats",
     "query-commands",
     "query-vballoon",
+    "x-vballoon-trim-zero",
 }
 
 
@@ -985,3 +986,32 @@ def test_ctl_usage_errors(
 )
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
+
+
+def test_trim_zero_over_the_control_socket(tmp_path) -> None:
+    """``x-vballoon-trim-zero``: the zero pages of guest RAM go back; without memory, an
+    error that says so."""
+    from device import BalloonConfig, BalloonDevice, GuestMemory
+    from device.testing import FRAME_SIZE, GuestRam, MiB
+
+    path = str(tmp_path / "c.sock")
+    ram = GuestRam(8 * MiB)
+    ram.fill_pattern()
+    ram.mapping[0 : 16 * FRAME_SIZE] = bytes(16 * FRAME_SIZE)
+    dev = BalloonDevice(BalloonConfig(stats_interval=0))
+
+    async def body() -> None:
+        async with ControlServer(path, dev), qmp(path) as c:
+            with pytest.raises(ExecuteError, match="no guest memory"):
+                await c.execute("x-vballoon-trim-zero")
+            mem = GuestMemory([ram.spec()])
+            dev.set_memory(mem)
+            done = await c.execute("x-vballoon-trim-zero")
+            assert done["bytes"] == 16 * FRAME_SIZE
+            assert done["scanned-bytes"] == ram.size
+            dev.set_memory(None)
+            mem.close()
+
+    run(body())
+    assert ram.allocated() == ram.size - 16 * FRAME_SIZE
+    ram.close()

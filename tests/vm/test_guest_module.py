@@ -208,7 +208,10 @@ def run_pass(vm: VM, case: str) -> None:
     assert mod.info()["queue_index"] == 2
     checksum = hold(vm)
     make_resident(vm)
-    mod.set(min_order=0, budget_pct=95, **params)
+    # 90 %, not more: while a pass holds its blocks the guest has only the rest. With 5 %
+    # left, the holder of the checksummed data died once in CI (connection refused after
+    # the pass; most likely the OOM killer, as the agent forked for the next command).
+    mod.set(min_order=0, budget_pct=90, **params)
     dev0 = device_counters(vm)
     free_before = free_bytes(vm)
     before = vm.host_ram_bytes()
