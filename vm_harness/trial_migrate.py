@@ -141,7 +141,8 @@ def _options(v: Variant, image: str | None, incoming: bool) -> VMOptions:
     )
 
 
-def _migrate_cmd(src: VM, dst: VM, uri: str, trim: bool) -> list[str]:
+def migrate_command(src: VM, dst: VM, uri: str, trim: bool = False) -> list[str]:
+    """``vballoon migrate`` from ``src`` to ``dst`` (an incoming VM), as a process."""
     return [
         sys.executable, "-m", "vballoon.cli", "migrate",
         "--source-qmp", src.tools_qmp_sock, "--dest-qmp", dst.tools_qmp_sock,
@@ -173,9 +174,11 @@ def run_variant(env: TestEnv, v: Variant, image: str | None) -> dict[str, Any]:
         proc: subprocess.Popen[str] | None = None
         if v.balloon == "vballoon":
             proc = subprocess.Popen(
-                _migrate_cmd(src, dst, uri, v.trim), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                migrate_command(src, dst, uri, v.trim),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
-            )  # fmt: skip
+            )
         else:
             dst.qmp.cmd_raw("migrate-incoming", {"uri": uri})
             src.qmp.cmd_raw("migrate", {"uri": uri})

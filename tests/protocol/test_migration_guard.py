@@ -21,6 +21,7 @@ import pytest
 
 from vballoon import migration_guard
 from vballoon.migration_guard import MigrationGuard
+from vballoon.waiting import wait_until_async
 
 RUNNING = ("setup", "active", "pre-switchover", "device")
 
@@ -147,11 +148,7 @@ class FakeQemu:
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    end = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+    await wait_until_async(predicate, timeout, what)
 
 
 class Rig:

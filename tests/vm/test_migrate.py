@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import threading
 
 import pytest
 
 from vm_harness.provision import TestEnv
+from vm_harness.trial_migrate import migrate_command
 from vm_harness.vm import VM, VMOptions, wait_for
 
 pytestmark = pytest.mark.vm
@@ -33,26 +33,8 @@ def held(vm: VM) -> tuple[str, int]:
 
 
 def migrate_cmd(src: VM, dst: VM) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vballoon.cli",
-        "migrate",
-        "--source-qmp",
-        src.tools_qmp_sock,
-        "--dest-qmp",
-        dst.tools_qmp_sock,
-        "--source-control",
-        src.control_sock,
-        "--dest-control",
-        dst.control_sock,
-        "--dest-socket",
-        dst.vhost_sock,
-        "--uri",
-        f"unix:{dst.workdir}/migration.sock",
-        "--timeout",
-        "90",
-    ]
+    uri = f"unix:{dst.workdir}/migration.sock"
+    return [*migrate_command(src, dst, uri), "--timeout", "90"]
 
 
 def source_and_destination(env: TestEnv) -> tuple[VM, VM]:
